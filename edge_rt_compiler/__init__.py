@@ -1,0 +1,3 @@
+"""edge-rt compiler: model -> graph IR -> partitioned plan with a static memory layout."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""`edge-rt-compile`: the Hydra app. `@hydra.main` is a thin wrapper around `compile_from_cfg`.
+
+Examples:
+  edge-rt-compile                                   # SmolLM2-135M for a Raspberry Pi 4 (512M, greedy_grouping)
+  edge-rt-compile model=synthetic_gpt2 budget=16M strategy=sequential
+  edge-rt-compile model=local model.path=/models/foo.gguf target=constrained_2gb
+  edge-rt-compile -m budget=256M,512M,1G strategy=sequential,greedy_grouping,speculative_prefetch
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from edge_rt_exec.errors import UserError
+
+from .config import register
+from .partition import STRATEGIES, fmt_bytes, parse_bytes
+from .pipeline import CompileRequest, CompileResult, ModelRequest, compile_model
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ROW_FILE = "edge_rt_row.json"
+_sweep_failed = False
+
+register()
+
+
+def request_from_cfg(cfg: DictConfig) -> CompileRequest:
+    t = cfg.target
+    strategy = cfg.strategy.name if cfg.get("strategy") else t.strategy
+    budget = parse_bytes(cfg.budget if cfg.budget is not None else t.budget, "budget")
+    m = cfg.model
+    model = ModelRequest(name=m.name, source=m.source, package=m.package, file=m.file,
+                         path=OmegaConf.select(m, "path", throw_on_missing=False) if m.source == "local" else m.path,
+                         max_context=m.max_context, synthetic=dict(m.synthetic or {}))
+    if model.source == "local" and (model.path in (None, "???") or OmegaConf.is_missing(m, "path")):
+        raise UserError("model=local needs model.path=PATH (an HF folder, a .gguf or an .onnx file)")
+    target = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items()}  # type: ignore[union-attr]
+    return CompileRequest(model=model, strategy=strategy, budget=budget, target=target,
+                          max_context=cfg.max_context, max_batch_tokens=cfg.max_batch_tokens,
+                          out_dir=Path(cfg.out_dir))
+
+
+def summary_row(res: CompileResult) -> dict[str, Any]:
+    p = res.plan
+    a = p.arena["activations"]
+    return {
+        "model": p.model["name"], "strategy": p.requested_strategy, "chosen": p.strategy,
+        "budget": fmt_bytes(p.budget), "mode": p.weights_mode, "groups": len(p.groups),
+        "planned_peak": fmt_bytes(p.predicted["peak_bytes"]),
+        "arena_vs_lower_bound": round(a["size"] / a["lower_bound"], 3) if a["lower_bound"] else 1.0,
+        "decode_ms": p.predicted["decode_ms_per_token"], "prefill_ms": p.predicted["prefill_ms"],
+        "plan": str(res.plan_path),
+    }
+
+
+def compile_from_cfg(cfg: DictConfig) -> CompileResult:
+    """The whole compile for one composed config (tests call this with `hydra.compose`)."""
+    res = compile_model(request_from_cfg(cfg))
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return res
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        res = compile_from_cfg(cfg)
+    except UserError as e:
+        print(f"edge-rt-compile: error: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
+        _write_row(out, {"error": str(e), "strategy": _choice(cfg), "budget": str(cfg.budget)})
+        return
+    row = summary_row(res)
+    p = res.plan
+    print(f"plan: {res.plan_path}")
+    print(f"  {p.model['name']}: {p.strategy} ({p.weights_mode}), budget {row['budget']}, {row['groups']} groups, "
+          f"planned peak {row['planned_peak']}, arena/lower bound {row['arena_vs_lower_bound']}, predicted "
+          f"{row['decode_ms']:.1f} ms/token; weights {'reused' if res.weights_reused else 'written'} "
+          f"({res.seconds:.1f} s)")
+    if multirun:
+        _write_row(out, row)
+
+
+def _choice(cfg: DictConfig) -> str:
+    return cfg.strategy.name if cfg.get("strategy") else cfg.target.strategy
+
+
+def _write_row(folder: Path, row: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ROW_FILE).write_text(json.dumps(row))
+
+
+COLUMNS = [("strategy", "strategy"), ("chosen", "chosen"), ("budget", "budget"), ("mode", "weights"),
+           ("groups", "groups"), ("planned_peak", "planned peak"), ("arena_vs_lower_bound", "act/lower"),
+           ("decode_ms", "pred ms/tok"), ("prefill_ms", "pred prefill ms")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = [h for _, h in COLUMNS]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r.get("strategy", "?"), "-", r.get("budget", "?"), "error: " + r["error"][:60]] +
+                        [""] * (len(COLUMNS) - 4))
+        else:
+            body.append([f"{r[k]:.1f}" if isinstance(r[k], float) and k.endswith("_ms") else str(r[k])
+                         for k, _ in COLUMNS])
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """After a multirun: one table across the sweep, also written as summary.md / summary.json."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_failed
+        sweep = Path(config.hydra.sweep.dir)
+        rows = []
+        for f in sorted(sweep.glob(f"*/{ROW_FILE}"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
+                        else 0):
+            rows.append(json.loads(f.read_text()))
+        if not rows:
+            return
+        table = format_table(rows)
+        print(f"\nsweep summary ({len(rows)} plans, {sweep}):\n{table}")
+        (sweep / "summary.md").write_text(table + "\n")
+        (sweep / "summary.json").write_text(json.dumps(rows, indent=1))
+        _sweep_failed = any("error" in r for r in rows)
+
+
+def _precheck(argv: list[str]) -> None:
+    """Catch bad overrides before Hydra turns them into multi-line errors with exit code 1."""
+    groups = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("model", "strategy", "target")}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if key in groups:
+            for v in value.split(","):
+                if v not in groups[key]:
+                    raise UserError(f"{key}={v} is not a known {key}; choose one of {', '.join(groups[key])}")
+        elif key == "budget":
+            for v in value.split(","):
+                if v != "null":
+                    parse_bytes(v, "budget")
+        elif key in ("max_context", "max_batch_tokens"):
+            for v in value.split(","):
+                if v != "null" and (not v.strip().isdigit() or int(v) <= 0):
+                    raise UserError(f"{key}={v} must be a positive whole number of tokens, e.g. {key}=2048")
+    assert set(groups["strategy"]) == set(STRATEGIES), "conf/strategy/*.yaml and STRATEGIES differ"
+
+
+def main() -> None:
+    try:
+        _precheck(sys.argv[1:])
+    except UserError as e:
+        print(f"edge-rt-compile: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+    if _sweep_failed:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

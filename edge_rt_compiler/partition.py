@@ -1,0 +1,356 @@
+"""Partitioning: IR units -> execution groups for a memory budget and a strategy.
+
+A *unit* is a transformer block, the embedding, or the head. A strategy decides how many weight slots the
+arena has, how large they are, and how consecutive units are packed into groups; it returns a
+`PartitionResult` and never mutates the IR. A unit larger than a slot is split at op boundaries, and an op
+larger than a slot (the LM head of a large vocab) is tiled along its output rows.
+
+Strategies are registered in `STRATEGIES` under the names of `conf/strategy/*.yaml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+from edge_rt_exec.errors import InternalError, UserError
+
+from .ir import ops_in_order
+from .weights_layout import WeightsLayout
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SchedOp:
+    """An IR op as scheduled: possibly a row tile `rows=(r0, r1)` of a linear/lm_head op."""
+
+    node: str
+    name: str
+    op: str
+    unit: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    weights: tuple[tuple[str, str], ...]
+    attrs: tuple[tuple[str, Any], ...]
+    flops: int
+    byte_start: int  #: slot-loaded weight bytes of this op in the weights file (start == end: none)
+    byte_end: int
+
+
+@dataclass
+class Piece:
+    unit: int
+    ops: list[SchedOp]
+
+    @property
+    def byte_start(self) -> int:
+        spans = [o for o in self.ops if o.byte_end > o.byte_start]
+        return min(o.byte_start for o in spans) if spans else -1
+
+    @property
+    def byte_end(self) -> int:
+        spans = [o for o in self.ops if o.byte_end > o.byte_start]
+        return max(o.byte_end for o in spans) if spans else -1
+
+
+@dataclass
+class PlannedGroup:
+    ops: list[SchedOp]
+    units: list[str]
+    byte_start: int
+    byte_end: int
+    streamed: bool
+
+    @property
+    def nbytes(self) -> int:
+        return max(0, self.byte_end - self.byte_start)
+
+    @property
+    def flops(self) -> int:
+        return sum(o.flops for o in self.ops)
+
+
+@dataclass
+class PartitionResult:
+    strategy: str
+    weights_mode: str  #: "resident" | "streamed"
+    n_slots: int
+    slot_bytes: int
+    groups: list[PlannedGroup]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a strategy needs to know besides the units."""
+
+    budget: int
+    fixed_bytes: int  #: KV cache + activations + runtime reserve
+    fixed_parts: dict[str, int]
+    total_weight_bytes: int  #: every tensor in the weights file (resident mode maps them all)
+    min_slot: int  #: the largest unit that may not be split (a transformer block)
+    min_slot_unit: str
+    prefetch_headroom: float
+    model_name: str
+    max_context: int
+
+
+# ---- units and tiling -----------------------------------------------------------------------------
+
+def op_bytes(layout: WeightsLayout, weights: dict[str, str], rows: tuple[int, int] | None,
+             gather: tuple[str, ...] = ()) -> tuple[int, int]:
+    """The contiguous file range of an op's slot-loaded weights (tables it gathers rows from excluded)."""
+    spans = []
+    for role, w in weights.items():
+        t = layout.tensors[w]
+        if role in gather:
+            continue
+        if rows is not None and role == "weight":
+            row = t.nbytes // t.shape[0]
+            spans.append((t.offset + rows[0] * row, t.offset + rows[1] * row))
+        elif rows is not None and role == "bias":
+            spans.append((t.offset + rows[0] * 4, t.offset + rows[1] * 4))
+        else:
+            spans.append((t.offset, t.offset + t.nbytes))
+    if not spans:
+        return (0, 0)
+    return (min(s for s, _ in spans), max(e for _, e in spans))
+
+
+def sched_ops(g: nx.DiGraph, layout: WeightsLayout) -> list[SchedOp]:
+    out = []
+    for node in ops_in_order(g):
+        n = g.nodes[node]
+        rows = tuple(n["attrs"]["rows"]) if "rows" in n["attrs"] else None
+        bs, be = op_bytes(layout, n["weights"], rows, tuple(n["attrs"].get("gather", ())))
+        out.append(SchedOp(node, node, n["op"], n["unit"], tuple(n["inputs"]), tuple(n["outputs"]),
+                           tuple(n["weights"].items()), tuple(n["attrs"].items()), n["flops"], bs, be))
+    return out
+
+
+def units_of(ops: list[SchedOp]) -> list[Piece]:
+    pieces: list[Piece] = []
+    for o in ops:
+        if not pieces or pieces[-1].unit != o.unit:
+            pieces.append(Piece(o.unit, []))
+        pieces[-1].ops.append(o)
+    return pieces
+
+
+def tile_op(o: SchedOp, layout: WeightsLayout, slot: int) -> list[SchedOp]:
+    """Split a linear/lm_head op into row tiles whose weight bytes fit `slot`."""
+    attrs = dict(o.attrs)
+    weights = dict(o.weights)
+    if o.op not in ("linear", "lm_head") or "weight" not in weights:
+        raise InternalError(f"op {o.name} ({o.op}) cannot be tiled")
+    t = layout.tensors[weights["weight"]]
+    r0, r1 = attrs.get("rows", (0, t.shape[0]))
+    row = t.nbytes // t.shape[0] + (4 if "bias" in weights else 0)
+    per = max(1, slot // row)
+    # Keep tiles a multiple of 16 rows where possible so kernels see aligned tiles.
+    if per > 16:
+        per -= per % 16
+    tiles = []
+    for k, a in enumerate(range(r0, r1, per)):
+        b = min(r1, a + per)
+        bs, be = op_bytes(layout, weights, (a, b))
+        tiles.append(replace(o, name=f"{o.name}.tile{k}", attrs=tuple(dict(attrs, rows=[a, b]).items()),
+                             flops=o.flops * (b - a) // max(1, r1 - r0), byte_start=bs, byte_end=be))
+    return tiles
+
+
+def split_piece(p: Piece, layout: WeightsLayout, slot: int) -> list[Piece]:
+    """Pieces of at most `slot` bytes: op boundaries first, row tiles for an op that alone is too big."""
+    if p.byte_start < 0 or p.byte_end - p.byte_start <= slot:
+        return [p]
+    out: list[Piece] = []
+    for o in p.ops:
+        parts = tile_op(o, layout, slot) if o.byte_end - o.byte_start > slot else [o]
+        for part in parts:
+            out.append(Piece(p.unit, [part]))
+    return out
+
+
+def pack(pieces: list[Piece], slot: int, unit_names: list[str], one_unit_per_group: bool) -> list[PlannedGroup]:
+    """Consecutive pieces into groups whose byte range fits `slot`."""
+    groups: list[PlannedGroup] = []
+    cur: list[Piece] = []
+
+    def flush() -> None:
+        if not cur:
+            return
+        ops = [o for p in cur for o in p.ops]
+        spans = [(o.byte_start, o.byte_end) for o in ops if o.byte_end > o.byte_start]
+        bs = min(s for s, _ in spans) if spans else 0
+        be = max(e for _, e in spans) if spans else 0
+        units = []
+        for p in cur:
+            if unit_names[p.unit] not in units:
+                units.append(unit_names[p.unit])
+        groups.append(PlannedGroup(ops, units, bs, be, bool(spans)))
+        cur.clear()
+
+    for p in pieces:
+        if cur:
+            lo = min([q.byte_start for q in cur + [p] if q.byte_start >= 0], default=-1)
+            hi = max([q.byte_end for q in cur + [p]], default=-1)
+            too_big = lo >= 0 and hi - lo > slot
+            new_unit = one_unit_per_group and p.unit != cur[-1].unit and p.byte_start >= 0 \
+                and any(q.byte_start >= 0 for q in cur)
+            if too_big or new_unit:
+                flush()
+        cur.append(p)
+    flush()
+    return groups
+
+
+# ---- strategies -------------------------------------------------------------------------------------
+
+def _minimum_error(ctx: Context, strategy: str, slots: int) -> UserError:
+    need = ctx.fixed_bytes + slots * ctx.min_slot
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" + (f" at max_context={ctx.max_context}" if k == "KV cache" else "")
+                      for k, v in ctx.fixed_parts.items() if v)
+    slot_part = f"{slots} x largest unit {fmt_bytes(ctx.min_slot)} ({ctx.min_slot_unit})" if slots > 1 else \
+        f"largest unit {fmt_bytes(ctx.min_slot)} ({ctx.min_slot_unit})"
+    return UserError(
+        f"budget {fmt_bytes(ctx.budget)} is too small for strategy '{strategy}' on {ctx.model_name}: needs at "
+        f"least {fmt_bytes(need)} ({parts}, {slot_part}); raise budget= or lower max_context= "
+        f"(now {ctx.max_context})")
+
+
+def sequential(units: list[Piece], layout: WeightsLayout, ctx: Context, names: list[str]) -> PartitionResult:
+    """One unit per group, streamed through one slot sized for the largest block."""
+    if ctx.fixed_bytes + ctx.min_slot > ctx.budget:
+        raise _minimum_error(ctx, "sequential", 1)
+    slot = ctx.min_slot
+    pieces = [q for p in units for q in split_piece(p, layout, slot)]
+    groups = pack(pieces, slot, names, one_unit_per_group=True)
+    return PartitionResult("sequential", "streamed", 1, _slot_size(groups), groups)
+
+
+def greedy_grouping(units: list[Piece], layout: WeightsLayout, ctx: Context, names: list[str]) -> PartitionResult:
+    """As few groups as fit; the whole model resident (mmap, no slot) when it fits the budget."""
+    if ctx.total_weight_bytes + ctx.fixed_bytes <= ctx.budget:
+        ops = [o for p in units for o in p.ops]
+        g = PlannedGroup(ops, [names[p.unit] for p in units], 0, 0, False)
+        return PartitionResult("greedy_grouping", "resident", 0, 0, [g], ["whole model resident"])
+    slot = ctx.budget - ctx.fixed_bytes
+    if slot < ctx.min_slot:
+        raise _minimum_error(ctx, "greedy_grouping", 1)
+    pieces = [q for p in units for q in split_piece(p, layout, slot)]
+    groups = pack(pieces, slot, names, one_unit_per_group=False)
+    return PartitionResult("greedy_grouping", "streamed", 1, _slot_size(groups), groups)
+
+
+def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context,
+                         names: list[str]) -> PartitionResult:
+    """Two slots: the group computing and the next one being read. `prefetch_headroom` of the budget is left
+    unplanned for the reader's I/O."""
+    usable = int(ctx.budget * (1.0 - ctx.prefetch_headroom)) - ctx.fixed_bytes
+    slot = usable // 2
+    if slot < ctx.min_slot:
+        err = _minimum_error(ctx, "speculative_prefetch", 2)
+        need = int((ctx.fixed_bytes + 2 * ctx.min_slot) / (1.0 - ctx.prefetch_headroom))
+        msg = str(err).replace(f"needs at least {fmt_bytes(ctx.fixed_bytes + 2 * ctx.min_slot)}",
+                               f"needs at least {fmt_bytes(need)}")
+        if ctx.prefetch_headroom:
+            msg = msg.replace("; raise", f", with prefetch headroom {ctx.prefetch_headroom:g}; raise")
+        raise UserError(msg)
+    total_stream = sum(max(0, p.byte_end - p.byte_start) for p in units)
+    # Balance: at least two groups so there is something to overlap, equal-sized where possible.
+    n_groups = max(2, -(-total_stream // slot))
+    target = min(slot, max(ctx.min_slot, -(-total_stream // n_groups)))
+    pieces = [q for p in units for q in split_piece(p, layout, target)]
+    groups = pack(pieces, target, names, one_unit_per_group=False)
+    return PartitionResult("speculative_prefetch", "streamed", 2, _slot_size(groups), groups)
+
+
+def _slot_size(groups: list[PlannedGroup]) -> int:
+    return max((g.nbytes for g in groups), default=0)
+
+
+Strategy = Callable[[list[Piece], WeightsLayout, Context, list[str]], PartitionResult]
+
+#: Keyed like conf/strategy/*.yaml. `auto` is resolved by the pipeline with the cost model.
+STRATEGIES: dict[str, Strategy | None] = {
+    "sequential": sequential,
+    "greedy_grouping": greedy_grouping,
+    "speculative_prefetch": speculative_prefetch,
+    "auto": None,
+}
+
+
+# ---- cost model -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cost:
+    decode_ms_per_token: float
+    prefill_ms: float  #: for `prompt_tokens`
+    prompt_tokens: int
+    read_bytes_per_token: int
+    read_ms_per_token: float
+    compute_ms_per_token: float
+
+
+def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes: int,
+            prompt_tokens: int = 64) -> Cost:
+    """Latency from bytes read (read bandwidth), bytes touched (memory bandwidth) and FLOPs (compute rate).
+    Streamed groups are read once per token in decode and once per prompt in prefill; with two slots the
+    read of group g+1 overlaps the compute of group g."""
+    rd = float(target["read_bandwidth_gbs"]) * 1e9
+    mem = float(target["mem_bandwidth_gbs"]) * 1e9
+    fl = float(target["compute_gflops"]) * 1e9
+
+    def compute_s(g: PlannedGroup, rows: int) -> float:
+        touched = g.nbytes if g.streamed else 0
+        return max(touched / mem, g.flops * rows / fl)
+
+    if result.weights_mode == "resident":
+        flops = sum(g.flops for g in result.groups)
+        dec = max(total_weight_bytes / mem, flops / fl)
+        pre = max(total_weight_bytes / mem, flops * prompt_tokens / fl)
+        return Cost(dec * 1e3, pre * 1e3, prompt_tokens, 0, 0.0, dec * 1e3)
+    reads = [g.nbytes / rd for g in result.groups]
+    rbytes = sum(g.nbytes for g in result.groups)
+
+    def total(rows: int) -> tuple[float, float]:
+        comp = [compute_s(g, rows) for g in result.groups]
+        if result.n_slots >= 2:
+            # Steady state of the cyclic schedule: group g computes while group g+1 is read.
+            nxt = reads[1:] + reads[:1]
+            return sum(max(c, r) for c, r in zip(comp, nxt)), sum(comp)
+        return sum(reads) + sum(comp), sum(comp)
+
+    dec, comp = total(1)
+    pre, _ = total(prompt_tokens)
+    return Cost(dec * 1e3, pre * 1e3, prompt_tokens, rbytes, sum(reads) * 1e3, comp * 1e3)
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes as the override syntax users type (K/M/G, one decimal when needed)."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if abs(v - round(v)) < 0.05 else f"{v:.1f}{unit}"
+    return f"{n}B"
+
+
+def parse_bytes(text: Any, what: str = "budget") -> int:
+    """'512M', '1.5G', '800K', '1048576' -> bytes (binary units). Raises UserError with the accepted forms."""
+    s = str(text).strip()
+    scales = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+              "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+    num = s.rstrip("kKmMgGiIbB")
+    unit = s[len(num):].upper()
+    try:
+        value = float(num)
+    except ValueError:
+        value = float("nan")
+    if unit not in scales or not value == value or value <= 0 or value == float("inf"):
+        raise UserError(f"{what}={s!r} is not a size; use a positive number with an optional K/M/G suffix, "
+                        f"e.g. {what}=512M or {what}=1.5G")
+    return int(value * scales[unit])

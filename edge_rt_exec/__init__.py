@@ -1,0 +1,15 @@
+"""edge-rt executor: replays compiled plans with numba kernels on the device.
+
+Imports only numpy, numba, psutil, tokenizers and the standard library.
+"""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+# numba's on-disk cache goes to a per-user folder, never into the installed package (which may be read-only
+# or shared between architectures). Set before numba is imported anywhere.
+if "NUMBA_CACHE_DIR" not in _os.environ:
+    _os.environ["NUMBA_CACHE_DIR"] = _os.path.join(
+        _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache"), "edge-rt", "numba"
+    )

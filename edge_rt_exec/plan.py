@@ -1,0 +1,250 @@
+"""The plan: the contract between the compiler and the executor.
+
+A plan is pure data (JSON): no code, no pickles. The executor owns this schema and its reader; the compiler
+imports it to write plans. Every field is checked on load; every byte range is bounded by the sizes the plan
+declares, and the weights' ranges by the real file size (in `weights.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+PLAN_FORMAT = "edge-rt-plan"
+SCHEMA_VERSION = 1
+PLAN_SUFFIX = ".plan.json"
+ALIGNMENT = 64
+
+
+@dataclass
+class Buffer:
+    """A region of the arena. Activations are 2-D `[rows, width]`; `rows` is the plan's maximum and the
+    engine uses the first `n` rows of a step."""
+
+    name: str
+    kind: str  #: "activation" | "kv" | "slot" | "scratch" | "input"
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    first: int = -1  #: first op index that uses it (-1: lives for the whole run)
+    last: int = -1  #: last op index that uses it
+
+
+@dataclass
+class Op:
+    """One step of the schedule."""
+
+    index: int
+    op: str  #: op type, a key of the engine's op table
+    name: str
+    unit: int
+    group: int
+    inputs: list[str]
+    outputs: list[str]
+    weights: dict[str, str] = field(default_factory=dict)  #: role -> tensor name in the weights file
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """Consecutive ops whose weights are read (streamed) or mapped (resident) together."""
+
+    index: int
+    units: list[str]
+    op_start: int
+    op_end: int  #: exclusive
+    byte_start: int  #: absolute range in the weights file covering the group's slot-loaded weights
+    byte_end: int
+    slot: int | None  #: weight slot the group is read into; None when resident or weightless
+    flops_per_token: int = 0
+
+
+@dataclass
+class TensorInfo:
+    """Where a tensor lies in the weights file (absolute offsets)."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    gather: bool = False  #: read row-by-row on demand (embedding tables), never loaded into a slot
+
+
+@dataclass
+class Plan:
+    format: str
+    schema_version: int
+    byte_order: str
+    compiler_version: str
+    model: dict[str, Any]  #: name, family, kind ("decoder" | "encoder"), config
+    files: dict[str, Any]  #: weights, weights_sha256, weights_size, tokenizer, generation
+    target: dict[str, Any]
+    strategy: str
+    requested_strategy: str
+    budget: int
+    max_context: int
+    max_batch_tokens: int
+    weights_mode: str  #: "resident" | "streamed"
+    alignment: int
+    tensors: dict[str, TensorInfo]
+    groups: list[Group]
+    schedule: list[Op]
+    buffers: dict[str, Buffer]
+    arena: dict[str, Any]  #: size, slots, kv, activations (size, lower_bound, algorithm), reserve
+    predicted: dict[str, Any]
+    path: Path | None = None  #: where it was loaded from (not serialised)
+
+    # ---- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+
+    @property
+    def folder(self) -> Path:
+        assert self.path is not None
+        return self.path.parent
+
+    def file(self, key: str) -> Path:
+        """A companion file of the plan (weights, tokenizer, generation), relative to the plan's folder."""
+        return self.folder / self.files[key]
+
+
+_REQUIRED = {
+    "format": str, "schema_version": int, "byte_order": str, "compiler_version": str, "model": dict,
+    "files": dict, "target": dict, "strategy": str, "requested_strategy": str, "budget": int,
+    "max_context": int, "max_batch_tokens": int, "weights_mode": str, "alignment": int, "tensors": dict,
+    "groups": list, "schedule": list, "buffers": dict, "arena": dict, "predicted": dict,
+}
+
+
+def _typed(where: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected an object")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}; the plan is corrupt or from another edge-rt version") from None
+
+
+def plan_from_dict(raw: Any, where: str) -> Plan:
+    """Build a `Plan` from parsed JSON, checking every field (no code runs, whatever the file holds)."""
+    if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+        raise UserError(f"{where}: not an edge-rt plan (no \"format\": \"{PLAN_FORMAT}\"); "
+                        "pass a *.plan.json written by edge-rt-compile")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{where}: plan schema version {version} is newer than this executor supports "
+                        f"({SCHEMA_VERSION}); upgrade edge-rt on the device or recompile with a matching compiler")
+    if version < SCHEMA_VERSION:
+        raise UserError(f"{where}: plan schema version {version} is older than this executor's "
+                        f"({SCHEMA_VERSION}); recompile the plan")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(raw.get(key), typ) or (typ is int and isinstance(raw.get(key), bool)):
+            raise UserError(f"{where}: field '{key}' is missing or not a {typ.__name__}; the plan is corrupt")
+    if raw["byte_order"] != "little" or sys.byteorder != "little":
+        raise UserError(f"{where}: plan byte order is {raw['byte_order']!r} but this machine is "
+                        f"{sys.byteorder}-endian; edge-rt supports little-endian devices only")
+    fields = dict(raw)
+    fields["tensors"] = {k: _typed(f"{where}: tensor {k}", TensorInfo, v) for k, v in raw["tensors"].items()}
+    fields["groups"] = [_typed(f"{where}: group {i}", Group, g) for i, g in enumerate(raw["groups"])]
+    fields["schedule"] = [_typed(f"{where}: op {i}", Op, o) for i, o in enumerate(raw["schedule"])]
+    fields["buffers"] = {k: _typed(f"{where}: buffer {k}", Buffer, v) for k, v in raw["buffers"].items()}
+    plan = _typed(where, Plan, fields)
+    check_plan_consistency(plan, where)
+    return plan
+
+
+def check_plan_consistency(plan: Plan, where: str) -> None:
+    """Cheap structural checks every reader runs: every reference resolves, every range is inside the
+    arena. The full memory-safety proof is the compiler's verifier."""
+    arena = plan.arena.get("size")
+    if not isinstance(arena, int) or arena < 0:
+        raise UserError(f"{where}: arena size missing")
+    for b in plan.buffers.values():
+        if b.offset < 0 or b.nbytes < 0 or b.offset + b.nbytes > arena:
+            raise UserError(f"{where}: buffer '{b.name}' [{b.offset}, {b.offset + b.nbytes}) lies outside the "
+                            f"{arena}-byte arena; the plan is corrupt")
+    for op in plan.schedule:
+        for t in op.inputs + op.outputs:
+            if t not in plan.buffers:
+                raise UserError(f"{where}: op '{op.name}' uses unknown buffer '{t}'; the plan is corrupt")
+        for t in op.weights.values():
+            if t not in plan.tensors:
+                raise UserError(f"{where}: op '{op.name}' uses unknown tensor '{t}'; the plan is corrupt")
+        if not 0 <= op.group < len(plan.groups):
+            raise UserError(f"{where}: op '{op.name}' names group {op.group}; the plan is corrupt")
+    for g in plan.groups:
+        if not (0 <= g.op_start <= g.op_end <= len(plan.schedule)) or g.byte_start > g.byte_end:
+            raise UserError(f"{where}: group {g.index} has bad ranges; the plan is corrupt")
+
+
+def resolve_plan_path(path: str | Path) -> Path:
+    """A plan file, or a folder holding exactly one plan."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob(f"*{PLAN_SUFFIX}"))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise UserError(f"{p}: no *{PLAN_SUFFIX} in this folder; compile one with edge-rt-compile")
+        names = ", ".join(f.name for f in found[:8]) + (" ..." if len(found) > 8 else "")
+        raise UserError(f"{p}: {len(found)} plans in this folder ({names}); pass one plan file")
+    if not p.exists():
+        raise UserError(f"{p}: plan not found; pass a *{PLAN_SUFFIX} file or its folder")
+    return p
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan (schema version, byte order, internal references)."""
+    p = resolve_plan_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        raw = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: cannot read the plan ({e.__class__.__name__}: {e}); re-compile it") from None
+    plan = plan_from_dict(raw, str(p))
+    plan.path = p
+    return plan
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path` (STYLE.md #10)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # artifacts are copied to devices; mkstemp's 0600 would surprise
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,154 @@
+"""Weights on the device: zero-copy mmap views (resident plans) or groups streamed into arena slots.
+
+Streamed groups are read with `pread` into a weight slot of the arena, so the page cache's copy is never
+mapped into this process and a finished group leaves nothing resident behind: its slot is simply refilled.
+With two slots (`speculative_prefetch`) a reader thread fills the next slot while the kernels, which release
+the GIL, compute on the current one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .binfile import SafetensorsFile
+from .errors import UserError
+from .plan import Group, Plan
+
+
+def open_weights(plan: Plan) -> SafetensorsFile:
+    """Open the plan's weights file and check, cheaply, that it is the file the plan was compiled against:
+    its size, the data fingerprint its header carries, and every tensor's byte range."""
+    path = plan.file("weights")
+    if not path.exists():
+        raise UserError(f"{path}: weights file not found; copy the whole artifact folder next to the plan")
+    st = SafetensorsFile(path)
+    want = plan.files.get("weights_sha256")
+    have = st.metadata.get("edge_rt_data_sha256")
+    if st.file.size != plan.files.get("weights_size") or have != want:
+        raise UserError(f"{path}: these weights (sha256 {str(have)[:12]}, {st.file.size} bytes) are not the ones "
+                        f"plan {plan.path.name if plan.path else ''} was compiled for (sha256 {str(want)[:12]}, "
+                        f"{plan.files.get('weights_size')} bytes); recompile the plan or copy the matching weights")
+    for name, t in plan.tensors.items():
+        st.file.check(t.offset, t.nbytes, f"tensor '{name}'")
+        e = st.tensors.get(name)
+        if e is None or e.offset != t.offset or e.nbytes != t.nbytes:
+            raise UserError(f"{path}: tensor '{name}' is not where the plan expects it; recompile the plan")
+    for g in plan.groups:
+        if g.slot is not None:
+            st.file.check(g.byte_start, g.byte_end - g.byte_start, f"group {g.index}")
+    return st
+
+
+def verify_weights_sha(plan: Plan, st: SafetensorsFile) -> bool:
+    """The full check: hash the data section (slow for large models; `inspect --verify`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    off, end = st.data_start, st.file.size
+    while off < end:
+        n = min(1 << 22, end - off)
+        h.update(st.file.read(off, n, "weights data"))
+        off += n
+    return h.hexdigest() == plan.files.get("weights_sha256")
+
+
+@dataclass
+class StreamStats:
+    read_bytes: int = 0
+    read_s: float = 0.0  #: time the reader spent in pread
+    wait_s: float = 0.0  #: time compute waited for a slot to be filled
+    reads: int = 0
+
+
+class GroupStreamer:
+    """Fills weight slots with groups in the plan's cyclic order (every forward pass runs all groups)."""
+
+    def __init__(self, st: SafetensorsFile, groups: list[Group], slots: list[np.ndarray], prefetch: bool):
+        self.st = st
+        self.seq = [g for g in groups if g.slot is not None]
+        self.slots = slots
+        self.prefetch = prefetch and len(slots) >= 2 and len(self.seq) >= 2
+        self.stats = StreamStats()
+        self._k = 0  # consumer's position in the cyclic read sequence
+        self._held: list[int | None] = [None] * len(slots)  # group index each slot holds (sync mode)
+        self._thread: threading.Thread | None = None
+        if self.prefetch:
+            self._cv = threading.Condition()
+            self._filled: list[int | None] = [None] * len(slots)  # read number held by each slot
+            self._free = [True] * len(slots)
+            self._stop = False
+            self._error: BaseException | None = None
+            self._thread = threading.Thread(target=self._reader, name="edge-rt-prefetch", daemon=True)
+            self._thread.start()
+
+    def _read(self, g: Group, slot: int) -> None:
+        t0 = time.perf_counter()
+        n = g.byte_end - g.byte_start
+        self.st.file.read_into(g.byte_start, self.slots[slot][:n], f"group {g.index}")
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.read_bytes += n
+        self.stats.reads += 1
+
+    def _reader(self) -> None:
+        k = 0
+        try:
+            while True:
+                s = k % len(self.slots)
+                with self._cv:
+                    while not self._free[s] and not self._stop:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    self._free[s] = False
+                self._read(self.seq[k % len(self.seq)], s)
+                with self._cv:
+                    self._filled[s] = k
+                    self._cv.notify_all()
+                k += 1
+        except BaseException as e:  # surfaced to the consumer
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
+
+    def acquire(self, g: Group) -> int:
+        """Block until group `g` is in a slot; return the slot index."""
+        expected = self.seq[self._k % len(self.seq)]
+        if expected.index != g.index:
+            raise RuntimeError(f"group {g.index} requested out of the cyclic order (expected {expected.index})")
+        if not self.prefetch:
+            s = self._k % len(self.slots)
+            if self._held[s] != g.index:
+                t0 = time.perf_counter()
+                self._read(g, s)
+                self.stats.wait_s += time.perf_counter() - t0
+                self._held[s] = g.index
+            return s
+        s = self._k % len(self.slots)
+        t0 = time.perf_counter()
+        with self._cv:
+            while self._filled[s] != self._k and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+        self.stats.wait_s += time.perf_counter() - t0
+        return s
+
+    def release(self, g: Group) -> None:
+        s = self._k % len(self.slots)
+        self._k += 1
+        if self.prefetch:
+            with self._cv:
+                self._free[s] = True
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+            self._thread.join()
+            self._thread = None
