@@ -159,7 +159,7 @@ def build_ir(src: ModelSource) -> nx.DiGraph:
         if decoder:
             kc = b.state(f"kv.{i}.k", (Hkv, "C", hd))
             vc = b.state(f"kv.{i}.v", (Hkv, "C", hd))
-            a = b.op("attention", f"{L}.attn", [q, k, v, kc, vc], {p + "attn": f32(("T", H * hd))}, attrs=attrs,
+            a = b.op("attention", f"{L}.attn", [q, k, v, kc, vc, pos], {p + "attn": f32(("T", H * hd))}, attrs=attrs,
                      scratch={p + "attn.scratch": (H, "C")}, flops=4 * H * hd * 256)[0]
         else:
             a = b.op("attention_bidir", f"{L}.attn", [q, k, v, "mask"], {p + "attn": f32(("T", H * hd))},

@@ -13,3 +13,8 @@ if "NUMBA_CACHE_DIR" not in _os.environ:
     _os.environ["NUMBA_CACHE_DIR"] = _os.path.join(
         _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache"), "edge-rt", "numba"
     )
+
+# GNU OpenMP (numba's threading layer) spins ~300k iterations at each barrier by default. On a shared or
+# busy board a spinning pool starves the thread it waits for and one parallel region can take milliseconds;
+# a short spin keeps back-to-back kernels hot and then sleeps. Measured in benchmarks/bench_threads.py.
+_os.environ.setdefault("GOMP_SPINCOUNT", "20000")

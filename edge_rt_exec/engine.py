@@ -20,8 +20,6 @@ from .errors import InternalError, UserError
 from .plan import Op, Plan, load_plan
 from .weights import GroupStreamer, open_weights
 
-#: rows at which a linear layer goes to numpy's BLAS sgemm instead of the numba matvec/tiled kernel
-BLAS_MIN_ROWS = 16
 _EMPTY = np.zeros(0, np.float32)
 
 
@@ -236,11 +234,15 @@ class Engine:
                     else:
                         self.st.file.read_into(t.offset + i * row, self._scratch_row, "embedding row")
                         out[r] += self._scratch_row
-            return
-        K.embedding_gather(ids, w["tok"], out)
-        for role, idx in extra:
-            if role in w:
-                K.embedding_add(idx, w[role], out)
+            if self.validate:  # debug mode: map the tables to check the row reads
+                w = {role: self._tensor_view(None, 0, name, None, role) for role, name in op.weights.items()}
+            else:
+                return
+        else:
+            K.embedding_gather(ids, w["tok"], out)
+            for role, idx in extra:
+                if role in w:
+                    K.embedding_add(idx, w[role], out)
         if self.validate:
             want = ref.embedding_gather(ids, w["tok"])
             for role, idx in extra:
@@ -270,11 +272,6 @@ class Engine:
         if rows is not None and (rows[0] != 0 or rows[1] != out_full.shape[1]):
             self.K.linear_rows(x, w["weight"], bias, out_full, rows[0])
             out, col = out_full[:, rows[0]:rows[1]], rows[0]
-        elif n >= BLAS_MIN_ROWS:
-            np.matmul(x, w["weight"].T, out=out_full)
-            if bias.size:
-                out_full += bias
-            out, col = out_full, 0
         else:
             self.K.linear(x, w["weight"], bias, out_full)
             out, col = out_full, 0
@@ -308,7 +305,7 @@ class Engine:
         q, k, v = (self._in(op, i, n) for i in range(3))
         kc, vc = self.buf[op.inputs[3]], self.buf[op.inputs[4]]
         out = self._out(op, n)
-        pos = self.buf["positions"][:n]
+        pos = self.buf[op.inputs[5]][:n]
         inv = self._rope(op)
         want = None
         if self.validate:

@@ -22,7 +22,8 @@ Numerics: dot products (linear, attention scores) are compiled with `fastmath={"
 can vectorise the reduction and use FMA. torch's BLAS does not sum in sequential order either, so this costs
 no fidelity and is what makes the decode matvec run at memory bandwidth. The other flags (no-NaN, no-inf,
 approximate functions) stay off: masking uses -inf and exp/erf must stay exact. Element-wise maps compute in
-float64 and round once, like the reference; norms and pooling accumulate in float64.
+float64 and round once, like the reference; norm statistics and softmax denominators accumulate in float64;
+mean pooling sums in float32 like sentence-transformers.
 """
 
 from __future__ import annotations
@@ -413,12 +414,7 @@ def rope_inplace(x, positions, inv_freq, n_heads, head_dim):
     `float32(positions[i]) * inv_freq[j]` (angle rounded to float32 like HF, then exact cos/sin)."""
     n = x.shape[0]
     half = head_dim // 2
-    if (
-        head_dim % 2 != 0
-        or x.shape[1] != n_heads * head_dim
-        or positions.shape[0] != n
-        or inv_freq.shape[0] != half
-    ):
+    if head_dim % 2 != 0 or x.shape[1] != n_heads * head_dim or positions.shape[0] != n or inv_freq.shape[0] != half:
         raise ValueError("rope_inplace: shapes do not match (x[n, H*hd], positions[n], inv_freq[hd/2])")
     for i in range(n):
         pos = _F32(positions[i])
@@ -470,6 +466,7 @@ def attention_causal(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, s
 
     `q, out[n, H*hd]`; caches `[Hkv, T_max, hd]` already hold positions `0 .. pos0+n-1` (call `kv_write`
     first); `scratch[>= H, >= pos0+n]`. Query head h reads kv head `h // (H // Hkv)`. Parallel over heads.
+    `out` must not alias `q`.
     """
     n = q.shape[0]
     n_kv, t_max, hd = k_cache.shape
@@ -520,7 +517,7 @@ def attention_bidir(q, k, v, mask, batch, seq, n_heads, head_dim, scale, scratch
 
     `mask` is int64 `[B, S]`, 1 = token, 0 = padding: padded keys are skipped; padded query rows still get a
     finite result (as in HF); a sequence with no token gives zeros. `scratch[>= B*H, >= S]`. Parallel over
-    (sequence, head).
+    (sequence, head). `out` must not alias `q`, `k` or `v`.
     """
     width = n_heads * head_dim
     rows = batch * seq

@@ -126,9 +126,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
     raise ValueError(f"rope_scaling type {rope_type!r} is not supported; expected default, linear or llama3")
 
 
-def rope(
-    x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, n_heads: int, head_dim: int
-) -> np.ndarray:
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
     """HF Llama "rotate_half" RoPE: pair `(j, j + hd/2)` of every head turns by `positions * inv_freq[j]`.
 
     The angle is rounded to float32 before cos/sin, as HF computes `inv_freq @ position_ids` in float32.

@@ -1,0 +1,578 @@
+"""GGUF frontend: a llama.cpp GGUF file -> canonical config + lazily dequantized fp32 weights + tokenizer.
+
+`load_gguf(path)` returns a `GGUFModel`:
+
+- `config`: the canonical TransformerConfig fields (docs/architecture.md) read from the `llama.*` metadata;
+- `tensors`: canonical weight name -> `TensorInfo` (shape in numpy/HF order, linear weights `[out, in]`;
+  `load()` dequantizes with `gguf.quants` on demand and returns a C-contiguous float32 array);
+- `tokenizer_json`: a Hugging Face tokenizer.json rebuilt from the tokenizer metadata (`gguf_tokenizer.py`);
+- `generation`: bos / eos / pad ids, whether BOS is added, the chat template and the model name.
+
+Order of work: the header is walked first with a bounded parser of our own (every length, count and tensor
+extent checked against the file size), so that a truncated or corrupt file is reported as one `UserError`
+naming what is wrong, before `gguf.GGUFReader` (which trusts the header) parses it and before any tensor
+data is touched.
+
+Q/K layout: llama.cpp's converter permutes the rows of `attn_q` / `attn_k` within every head so that GGML's
+interleaved RoPE (pairs `(2j, 2j+1)`) computes what HF's rotate_half RoPE (pairs `(j, j + hd/2)`) computes.
+Here that permutation is undone (`unpermute_qk`), the same way transformers' GGUF loader does
+(`LlamaTensorProcessor._reverse_permute_weights`), so the weights come out in the HF layout.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_rt_exec.errors import UserError
+
+from .gguf_tokenizer import default_add_bos, tokenizer_json_from_gguf
+
+__all__ = ["GGUFModel", "TensorInfo", "load_gguf", "unpermute_qk", "SUPPORTED_TYPES", "CONFIG_KEYS"]
+
+#: GGML tensor types `load()` can dequantize (all through `gguf.quants.dequantize`).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+#: exactly the canonical TransformerConfig fields, in their declared order
+CONFIG_KEYS = ("family", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+               "intermediate_size", "max_position", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings",
+               "activation", "type_vocab_size")
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_DEFAULT_ALIGNMENT = 32
+
+# GGUF value types: id -> (name, fixed byte size or None)
+_VT_STRING = 8
+_VT_ARRAY = 9
+_VT_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+# GGUF tensor name (llama) -> canonical name; `{i}` = layer
+_GLOBAL_NAMES = {
+    "token_embd.weight": "tok_embed.weight",
+    "output_norm.weight": "final_norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q.weight",
+    "attn_k.weight": "attn.k.weight",
+    "attn_v.weight": "attn.v.weight",
+    "attn_output.weight": "attn.o.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_gate.weight": "mlp.gate.weight",
+    "ffn_up.weight": "mlp.up.weight",
+    "ffn_down.weight": "mlp.down.weight",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One canonical weight, known by shape before it is dequantized."""
+
+    shape: tuple[int, ...]  #: numpy / HF order (linear weights `[out, in]`)
+    dtype: str  #: "float32" (what `load()` returns)
+    source_type: str  #: the GGML type in the file ("Q4_1", "F32", ...)
+    source_name: str  #: the tensor's name in the GGUF file
+    _loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    def load(self) -> np.ndarray:
+        """Dequantize now; a fresh C-contiguous float32 array of `shape`."""
+        return self._loader()
+
+
+@dataclass
+class GGUFModel:
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    tokenizer_json: str
+    generation: dict[str, Any]
+    path: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Q/K un-permutation
+# --------------------------------------------------------------------------------------------------------
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute(w, n_head, n_head_kv)` on the rows of a q (n_heads) or k (n_kv_heads) weight.
+
+    llama.cpp: `w.reshape(n, 2, hd//2, in).swapaxes(1, 2)` -> GGUF row `h*hd + 2j + s` is HF row
+    `h*hd + s*hd/2 + j`. The inverse views the GGUF rows as `(n, hd//2, 2)` and swaps back.
+    """
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+# --------------------------------------------------------------------------------------------------------
+# bounded header walk (validation before GGUFReader)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RawTensor:
+    name: str
+    dims: tuple[int, ...]  # GGML order (ne0 = innermost)
+    type_id: int
+    offset: int  # relative to the data section
+
+
+class _Walker:
+    """Reads the GGUF header with every read bounds-checked against the file size."""
+
+    def __init__(self, buf: Any, size: int, where: str) -> None:
+        self.buf, self.size, self.where, self.pos = buf, size, where, 0
+
+    def fail(self, what: str) -> UserError:
+        return UserError(f"{self.where}: {what}; the GGUF file is truncated or corrupt, re-download or re-convert it")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes but the file ends at byte {self.size}")
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what: str, decode: bool = True) -> str | None:
+        n = self.unpack("Q", f"length of {what}")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n]) if decode else None
+        self.pos += n
+        if raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at byte {self.pos - n} is not valid UTF-8") from None
+
+    def skip_value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        """Skip one value; returns it when it is a scalar (for general.alignment)."""
+        if vtype in _VT_SIZES:
+            fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}[vtype]
+            return self.unpack(fmt, what)
+        if vtype == _VT_STRING:
+            self.string(what, decode=False)
+            return None
+        if vtype == _VT_ARRAY:
+            if depth > 4:
+                raise self.fail(f"{what}: arrays nested more than 4 deep")
+            itype = self.unpack("I", f"element type of {what}")
+            count = self.unpack("Q", f"length of {what}")
+            if itype in _VT_SIZES:
+                self.need(count * _VT_SIZES[itype], f"{count} elements of {what}")
+                self.pos += count * _VT_SIZES[itype]
+            elif itype in (_VT_STRING, _VT_ARRAY):
+                # every element takes at least 8 bytes: refuse absurd counts before looping
+                self.need(count * 8, f"{count} elements of {what}")
+                for _ in range(count):
+                    self.skip_value(itype, what, depth + 1)
+            else:
+                raise self.fail(f"{what}: unknown GGUF array element type {itype}")
+            return None
+        raise self.fail(f"{what}: unknown GGUF value type {vtype}")
+
+
+def _walk_header(buf: Any, size: int, where: str) -> list[_RawTensor]:
+    """Validate the whole header and every tensor's extent; returns the tensor directory."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    w = _Walker(buf, size, where)
+    if size < 4 or bytes(buf[:4]) != _GGUF_MAGIC:
+        raise UserError(f"{where}: not a GGUF file (the first bytes are not 'GGUF'); pass a .gguf model file")
+    w.pos = 4
+    version = w.unpack("I", "GGUF version")
+    if version & 0xFFFF == 0 and version != 0:
+        raise UserError(f"{where}: big-endian GGUF files are not supported; convert the model on a little-endian "
+                        "machine (llama.cpp's convert_hf_to_gguf.py)")
+    if version not in _GGUF_VERSIONS:
+        raise UserError(f"{where}: GGUF version {version} is not supported (supported: {list(_GGUF_VERSIONS)}); "
+                        "re-convert the model with a current llama.cpp")
+    n_tensors = w.unpack("Q", "tensor count")
+    n_kv = w.unpack("Q", "metadata count")
+    # each KV takes >= 8 (key length) + 4 (type) + 1 bytes; each tensor info >= 8 + 4 + 8 + 4 + 8
+    if n_kv * 13 > size or n_tensors * 32 > size:
+        raise w.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
+                     f"{size}-byte file can hold")
+    alignment = _DEFAULT_ALIGNMENT
+    keys: set[str] = set()
+    for i in range(n_kv):
+        key = w.string(f"metadata key #{i}")
+        assert key is not None
+        if key in keys:
+            raise w.fail(f"metadata key '{key}' appears twice")
+        keys.add(key)
+        vtype = w.unpack("I", f"type of metadata '{key}'")
+        v = w.skip_value(vtype, f"metadata '{key}'")
+        if key == "general.alignment":
+            if vtype != 4 or not v or v & (v - 1):
+                raise w.fail(f"general.alignment = {v!r} (type {vtype}) is not a power-of-two uint32")
+            alignment = int(v)
+
+    tensors: list[_RawTensor] = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = w.string(f"name of tensor #{i}")
+        assert name is not None
+        if name in names:
+            raise w.fail(f"tensor '{name}' appears twice")
+        names.add(name)
+        n_dims = w.unpack("I", f"dimension count of tensor '{name}'")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise w.fail(f"tensor '{name}' has {n_dims} dimensions (GGML allows 1..{_MAX_DIMS})")
+        dims = tuple(w.unpack("Q", f"dimensions of tensor '{name}'") for _ in range(n_dims))
+        type_id = w.unpack("I", f"type of tensor '{name}'")
+        offset = w.unpack("Q", f"data offset of tensor '{name}'")
+        tensors.append(_RawTensor(name, dims, type_id, offset))
+
+    data_start = -(-w.pos // alignment) * alignment
+    if data_start > size:
+        raise w.fail(f"the tensor data section would start at byte {data_start}, past the end of the file")
+
+    extents = []
+    for t in tensors:
+        try:
+            qtype = GGMLQuantizationType(t.type_id)
+        except ValueError:
+            raise UserError(f"{where}: tensor '{t.name}' has unknown GGML type id {t.type_id}; supported types: "
+                            f"{', '.join(SUPPORTED_TYPES)} - re-quantize the model to one of them") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if any(d <= 0 for d in t.dims) or math.prod(t.dims) >= 2**62:
+            raise w.fail(f"tensor '{t.name}' has dimensions {list(t.dims)}")
+        if t.dims[0] % block:
+            raise w.fail(f"tensor '{t.name}' ({qtype.name}) has a row of {t.dims[0]} elements, not a multiple of "
+                         f"the {block}-element block")
+        n_bytes = math.prod(t.dims) // block * type_size
+        if t.offset % alignment:
+            raise w.fail(f"tensor '{t.name}' data offset {t.offset} is not a multiple of the alignment {alignment}")
+        start = data_start + t.offset
+        if start + n_bytes > size:
+            raise w.fail(f"tensor '{t.name}' ({qtype.name} {list(t.dims)} = {n_bytes} bytes) needs bytes "
+                         f"{start}..{start + n_bytes} but the file has {size}")
+        extents.append((start, start + n_bytes, t.name))
+    extents.sort()
+    for (s0, e0, n0), (s1, _e1, n1) in zip(extents, extents[1:]):
+        if s1 < e0:
+            raise w.fail(f"tensors '{n0}' and '{n1}' overlap (bytes {s0}..{e0} and {s1}..): the header's element "
+                         "counts do not match the data layout")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------------
+# metadata helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Meta:
+    def __init__(self, reader: Any, where: str) -> None:
+        self.reader, self.where = reader, where
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise UserError(f"{self.where}: GGUF metadata '{key}' cannot be decoded ({type(e).__name__}); "
+                            "the file is corrupt, re-download or re-convert it") from None
+
+    def need(self, key: str) -> Any:
+        if not self.has(key):
+            raise UserError(f"{self.where}: required GGUF metadata key '{key}' is missing; re-convert the model with "
+                            "llama.cpp's convert_hf_to_gguf.py")
+        return self.get(key)
+
+    def int(self, key: str, default: int | None = None, *, required: bool = True, minimum: int = 1) -> int:
+        if not self.has(key) and not required:
+            assert default is not None
+            return default
+        v = self.need(key)
+        if isinstance(v, list) and v and all(x == v[0] for x in v):  # per-layer array with one value
+            v = v[0]
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise UserError(f"{self.where}: GGUF metadata '{key}' = {v!r}, expected an integer >= {minimum}; "
+                            "fix or re-convert the file")
+        return int(v)
+
+    def float(self, key: str, default: float | None = None) -> float:
+        if not self.has(key) and default is not None:
+            return default
+        v = self.need(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise UserError(f"{self.where}: GGUF metadata '{key}' = {v!r}, expected a positive number; "
+                            "fix or re-convert the file")
+        # stored as float32: keep the shortest decimal that round-trips (1e-05, not 9.99999974738e-06)
+        return float(str(np.float32(v)))
+
+
+def _rope_scaling(m: _Meta, arch: str) -> dict[str, Any] | None:
+    kind = m.get(f"{arch}.rope.scaling.type")
+    factor = m.get(f"{arch}.rope.scaling.factor")
+    if kind is None:
+        legacy = m.get(f"{arch}.rope.scale_linear")
+        if legacy is not None and float(legacy) != 1.0:
+            return {"rope_type": "linear", "factor": float(legacy)}
+        return None
+    if kind == "none":
+        return None
+    if factor is None:
+        raise UserError(f"{m.where}: GGUF metadata '{arch}.rope.scaling.type' = {kind!r} but "
+                        f"'{arch}.rope.scaling.factor' is missing; fix or re-convert the file")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": m.float(f"{arch}.rope.scaling.factor")}
+    if kind == "yarn":
+        d: dict[str, Any] = {"rope_type": "yarn", "factor": m.float(f"{arch}.rope.scaling.factor")}
+        orig = m.get(f"{arch}.rope.scaling.original_context_length")
+        if orig is not None:
+            d["original_max_position_embeddings"] = int(orig)
+        for gg, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                       ("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor")):
+            v = m.get(f"{arch}.rope.scaling.{gg}")
+            if v is not None:
+                d[hf] = float(str(np.float32(v)))
+        return d
+    raise UserError(f"{m.where}: RoPE scaling type {kind!r} ('{arch}.rope.scaling.type') is not supported; "
+                    "supported: none, linear, yarn")
+
+
+def _config(m: _Meta) -> dict[str, Any]:
+    arch = m.need("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{m.where}: GGUF architecture {arch!r} (general.architecture) is not supported; "
+                        f"supported: {list(SUPPORTED_ARCHITECTURES)} - use the HF folder of the model instead")
+    if m.get(f"{arch}.expert_count", 0):
+        raise UserError(f"{m.where}: mixture-of-experts GGUF ('{arch}.expert_count' = {m.get(f'{arch}.expert_count')})"
+                        " is not supported; use a dense model")
+    hidden = m.int(f"{arch}.embedding_length")
+    n_heads = m.int(f"{arch}.attention.head_count")
+    n_kv = m.int(f"{arch}.attention.head_count_kv", n_heads, required=False)
+    if n_heads % n_kv:
+        raise UserError(f"{m.where}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}; "
+                        "fix or re-convert the file")
+    head_dim = m.int(f"{arch}.attention.key_length", hidden // n_heads, required=False)
+    v_dim = m.int(f"{arch}.attention.value_length", head_dim, required=False)
+    if v_dim != head_dim:
+        raise UserError(f"{m.where}: attention.value_length {v_dim} != key_length {head_dim} is not supported; "
+                        "use a model with equal key and value head sizes")
+    if head_dim % 2:
+        raise UserError(f"{m.where}: head size {head_dim} is odd, RoPE needs an even head size; "
+                        "fix or re-convert the file")
+    rope_dims = m.int(f"{arch}.rope.dimension_count", head_dim, required=False)
+    if rope_dims != head_dim:
+        raise UserError(f"{m.where}: partial rotary embeddings ('{arch}.rope.dimension_count' = {rope_dims}, "
+                        f"head size {head_dim}) are not supported; use a model with full-width RoPE")
+    tokens = m.get("tokenizer.ggml.tokens")
+    vocab = m.int(f"{arch}.vocab_size", len(tokens) if isinstance(tokens, list) else 0,
+                  required=not isinstance(tokens, list))
+    return {
+        "family": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "n_layers": m.int(f"{arch}.block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "intermediate_size": m.int(f"{arch}.feed_forward_length"),
+        "max_position": m.int(f"{arch}.context_length"),
+        "norm_eps": m.float(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": m.float(f"{arch}.rope.freq_base", 10000.0),  # llama.cpp's default
+        "rope_scaling": _rope_scaling(m, arch),
+        "tie_embeddings": True,  # set from the tensors below
+        "activation": "silu",
+        "type_vocab_size": 0,
+    }
+
+
+def _generation(m: _Meta, vocab_size: int) -> dict[str, Any]:
+    def tid(key: str) -> int | None:
+        v = m.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            raise UserError(f"{m.where}: GGUF metadata '{key}' = {v!r} is not a token id below {vocab_size}; "
+                            "fix or re-convert the file")
+        return int(v)
+
+    eos_ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        v = tid(key)
+        if v is not None and v not in eos_ids:
+            eos_ids.append(v)
+    add_bos = m.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:
+        add_bos = default_add_bos(str(m.get("tokenizer.ggml.model", "")), m.get("tokenizer.ggml.pre"))
+    tmpl = m.get("tokenizer.chat_template")
+    name = m.get("general.name")
+    return {
+        "bos_token_id": tid("tokenizer.ggml.bos_token_id"),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": tid("tokenizer.ggml.padding_token_id"),
+        "add_bos": bool(add_bos),
+        "chat_template": tmpl if isinstance(tmpl, str) else None,
+        "name": name if isinstance(name, str) else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# tensors
+# --------------------------------------------------------------------------------------------------------
+
+
+def _canonical_name(gguf_name: str, n_layers: int) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        i = int(parts[1])
+        if i < n_layers:
+            return f"layers.{i}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    h, hd, inter, v = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    out: dict[str, tuple[int, ...]] = {"tok_embed.weight": (v, h)}
+    per_layer: dict[str, tuple[int, ...]] = {
+        "attn_norm.weight": (h,), "attn.q.weight": (q, h), "attn.k.weight": (kv, h), "attn.v.weight": (kv, h),
+        "attn.o.weight": (h, q), "mlp_norm.weight": (h,), "mlp.gate.weight": (inter, h),
+        "mlp.up.weight": (inter, h), "mlp.down.weight": (h, inter),
+    }
+    for i in range(cfg["n_layers"]):
+        out.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
+    out["final_norm.weight"] = (h,)
+    return out
+
+
+def _make_loader(reader_tensor: Any, shape: tuple[int, ...], unpermute_heads: int, where: str) -> Callable:
+    from gguf.quants import dequantize
+
+    def load() -> np.ndarray:
+        try:
+            a = dequantize(reader_tensor.data, reader_tensor.tensor_type)
+        except (ValueError, NotImplementedError, OSError) as e:
+            raise UserError(f"{where}: tensor '{reader_tensor.name}' cannot be dequantized ({e}); "
+                            "the file is corrupt, re-download or re-convert it") from None
+        a = np.asarray(a, dtype=np.float32).reshape(shape)
+        if unpermute_heads:
+            a = unpermute_qk(a, unpermute_heads)
+        if np.may_share_memory(a, reader_tensor.data):  # F32: a view of the read-only file mapping
+            return np.array(a, dtype=np.float32, order="C", copy=True)
+        return np.ascontiguousarray(a)
+
+    return load
+
+
+def _open_reader(path: Path, where: str) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, struct.error,
+            MemoryError) as e:
+        raise UserError(f"{where}: cannot parse the GGUF file ({type(e).__name__}: {e}); "
+                        "the file is corrupt, re-download or re-convert it") from None
+
+
+def load_gguf(path: str | Path) -> GGUFModel:
+    """Read a llama-architecture GGUF: config, lazily dequantized canonical weights, tokenizer, generation."""
+    p = Path(path).expanduser()
+    where = str(p)
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise UserError(f"{where}: not a file; pass the path of a .gguf model file")
+        with open(p, "rb") as f:
+            if size == 0:
+                raise UserError(f"{where}: the file is empty; pass a .gguf model file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                raw_tensors = _walk_header(buf, size, where)
+    except FileNotFoundError:
+        raise UserError(f"{where}: file not found; pass the path of a .gguf model file") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the file ({e.strerror or e}); check the path and permissions") from None
+
+    reader = _open_reader(p, where)
+    if len(reader.tensors) != len(raw_tensors):  # the two parsers must agree
+        raise UserError(f"{where}: the GGUF header is inconsistent ({len(reader.tensors)} vs {len(raw_tensors)} "
+                        "tensors); re-download or re-convert the file")
+    m = _Meta(reader, where)
+    cfg = _config(m)
+
+    by_name = {t.name: t for t in reader.tensors}
+    unknown = [n for n in by_name if _canonical_name(n, cfg["n_layers"]) is None]
+    if unknown:
+        hint = (" (llama3-style RoPE frequency factors are not supported)" if "rope_freqs.weight" in unknown else "")
+        raise UserError(f"{where}: unexpected tensor '{unknown[0]}'{hint} ({len(unknown)} unexpected in all) for a "
+                        f"{cfg['n_layers']}-layer llama; this variant is not supported, use the HF folder instead")
+    cfg["tie_embeddings"] = "output.weight" not in by_name
+    if "token_embd.weight" in by_name:
+        rows = int(by_name["token_embd.weight"].shape[-1])  # GGML order: ne1 = vocab
+        if rows != cfg["vocab_size"]:
+            raise UserError(f"{where}: tensor 'token_embd.weight' has {rows} rows but the vocabulary has "
+                            f"{cfg['vocab_size']} tokens (llama.vocab_size / tokenizer.ggml.tokens); "
+                            "fix or re-convert the file")
+
+    expected = _expected_shapes(cfg)
+    if not cfg["tie_embeddings"]:
+        expected["lm_head.weight"] = (cfg["vocab_size"], cfg["hidden_size"])
+    gguf_of = {_canonical_name(n, cfg["n_layers"]): n for n in by_name}
+    supported = set(SUPPORTED_TYPES)
+    tensors: dict[str, TensorInfo] = {}
+    for cname, shape in expected.items():
+        gname = gguf_of.get(cname)
+        if gname is None:
+            raise UserError(f"{where}: tensor for '{cname}' is missing (expected GGUF tensor "
+                            f"'{_gguf_name_for(cname)}'); the file is incomplete, re-convert it")
+        rt = by_name[gname]
+        got = tuple(int(d) for d in reversed(rt.shape.tolist()))
+        if got != shape:
+            raise UserError(f"{where}: tensor '{gname}' has shape {list(got)} but the config implies {list(shape)} for "
+                            f"'{cname}'; fix or re-convert the file")
+        ttype = rt.tensor_type.name
+        if ttype not in supported:
+            raise UserError(f"{where}: tensor '{gname}' has GGML type {ttype}, which is not supported; supported: "
+                            f"{', '.join(SUPPORTED_TYPES)} - re-quantize the model (e.g. Q8_0 or Q4_1)")
+        heads = 0
+        if cname.endswith(".attn.q.weight"):
+            heads = cfg["n_heads"]
+        elif cname.endswith(".attn.k.weight"):
+            heads = cfg["n_kv_heads"]
+        tensors[cname] = TensorInfo(shape=shape, dtype="float32", source_type=ttype, source_name=gname,
+                                    _loader=_make_loader(rt, shape, heads, where))
+
+    tokenizer_json = tokenizer_json_from_gguf(reader, where=where)
+    generation = _generation(m, cfg["vocab_size"])
+    config = {k: cfg[k] for k in CONFIG_KEYS}
+    return GGUFModel(config=config, tensors=tensors, tokenizer_json=tokenizer_json, generation=generation, path=p)
+
+
+def _gguf_name_for(cname: str) -> str:
+    for g, c in _GLOBAL_NAMES.items():
+        if c == cname:
+            return g
+    _, i, rest = cname.split(".", 2)
+    for g, c in _LAYER_NAMES.items():
+        if c == rest:
+            return f"blk.{i}.{g}"
+    return cname

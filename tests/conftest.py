@@ -1,0 +1,41 @@
+"""Shared fixtures. Slow real-model tests run with `--slow` (CI does); the default run stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run slow real-model tests (SmolLM2, MiniLM)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow real-model test; run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def target() -> dict:
+    return {"name": "performance", "threads": 2, "read_bandwidth_gbs": 8.0, "mem_bandwidth_gbs": 25.0,
+            "compute_gflops": 190.0, "prefetch_headroom": 0.2}
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifacts folder shared by tests that compile the synthetic model."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+def compile_synth(out_dir: Path, strategy: str, budget: int, target: dict, **kw):
+    from edge_rt_compiler.pipeline import CompileRequest, ModelRequest, compile_model
+
+    return compile_model(CompileRequest(ModelRequest("synthetic-gpt2", "synthetic", synthetic=kw.pop("synthetic", {})),
+                                        strategy, budget, target, out_dir=out_dir, **kw))
