@@ -34,6 +34,7 @@ PLAIN_TEXTS = [
     "trailing spaces   ",
     "\n\nnew\nlines\r\n\r\nwindows\n\n\n",
     "digits 0 12 345 6789 3.14159 1,000,000 2024-06-01 ½ ² ١٢٣ Ⅻ",
+    "x  1, y   22\n    1. item\n    2. item\n\t3",
     "I'm sure you'll see they're WE'RE it's",
     "def f(x):\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
     "if (a[i] != b[j]) { c += d->e; } // C++ && || <<= >>",
@@ -223,18 +224,18 @@ def test_real_matches_llama_cpp(ours, llama_cpp_vocab):
 def test_real_matches_transformers_gguf_tokenizer(ours, real_path):
     transformers = pytest.importorskip("transformers", reason="transformers' GGUF tokenizer is a reference")
     hf = transformers.AutoTokenizer.from_pretrained(str(real_path.parent), gguf_file=real_path.name)
-    # transformers does not isolate numerals for pre='smollm' (no split regex for it; GPT-2's ByteLevel regex
-    # only), so next to a non-ASCII numeral (' ²', '\n\nⅫ') it differs from llama.cpp, and from us. ASCII
-    # digits have no merges in this vocabulary, so there the two pre-tokenizers agree.
+    # transformers (5.x) has no split regex for pre='smollm' and keeps GPT-2's ByteLevel regex only, so it does
+    # not isolate numerals first. That changes more than numerals: '    1.' is '   ' + ' 1' for it but
+    # '    ' + '1' for llama.cpp (and us). So compare only texts without any numeral.
     compared = 0
-    for text in PLAIN_TEXTS + SPECIAL_TEXTS + _fuzz_texts(500, seed=2):
-        if any(unicodedata.category(c)[0] == "N" and not c.isascii() for c in text):
+    for text in PLAIN_TEXTS + SPECIAL_TEXTS + _fuzz_texts(800, seed=2):
+        if any(unicodedata.category(c)[0] == "N" for c in text):
             continue
         assert ours.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False), text
         compared += 1
-    assert compared > 300
-    ids = ours.encode(" ²", add_special_tokens=False).ids
-    assert ids[0] == ours.token_to_id("Ġ") and len(ids) > 1  # llama.cpp: ' ' then '²' (its '\p{N}' split)
+    assert compared > 100
+    # where they differ, we follow llama.cpp (checked in test_real_matches_llama_cpp)
+    assert ours.encode("    1. item").ids[:2] == [289, 33]  # '    ' '1'
 
 
 @pytest.mark.slow
