@@ -67,7 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         r = s.generate(ids, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, on_text=stream)
-        first_token_s = load_s + r.prefill_ms / 1e3
+        import psutil
+
+        # process start (as the kernel recorded it) to the first generated token
+        first_token_s = r.first_token_time - psutil.Process().create_time()
         mem = memory_report(baseline)
         p = s.plan
         result = {"tokens": r.tokens, "text": r.text, "prompt_tokens": r.prompt_tokens,

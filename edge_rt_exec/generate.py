@@ -48,6 +48,7 @@ class GenerationResult:
     decode_ms: float
     decode_tok_s: float
     stop_reason: str
+    first_token_time: float = 0.0  #: wall clock (time.time()) when the first token was ready
     read_s: float = 0.0
     wait_s: float = 0.0
     compute_s: float = 0.0
@@ -105,6 +106,7 @@ class Session:
         logits = eng.prefill(prompt_ids)
         tok = sample(logits, temperature, top_k, top_p, rng)
         t1 = time.perf_counter()
+        first_wall = time.time()
         out: list[int] = []
         printed = ""
         reason = "max_tokens"
@@ -134,6 +136,7 @@ class Session:
         return GenerationResult(
             tokens=out, text=text, prompt_tokens=n_prompt, prefill_ms=(t1 - t0) * 1e3, decode_ms=decode_s * 1e3,
             decode_tok_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0, stop_reason=reason,
+            first_token_time=first_wall,
             read_s=s.read_s if s else 0.0, wait_s=s.wait_s if s else 0.0, compute_s=eng.timings.compute_s)
 
     # ---- encoders ---------------------------------------------------------------------------------------
