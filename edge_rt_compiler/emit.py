@@ -7,8 +7,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 
 from edge_rt_exec.binfile import SafetensorsFile
 from edge_rt_exec.errors import UserError
-from edge_rt_exec.plan import Plan, atomic_write
+from edge_rt_exec.plan import Plan, atomic_file, atomic_write
 
 from .frontends.base import ModelSource
 from .weights_layout import WeightsLayout
@@ -65,38 +63,26 @@ def write_weights(folder: Path, src: ModelSource, layout: WeightsLayout) -> tupl
         sha = _existing_sha(path, layout)
         if sha is not None:
             return path, sha, True
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=folder)
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(layout.header)
-                h = hashlib.sha256()
-                pos = layout.data_start
-                for name in layout.order:
-                    t = layout.tensors[name]
-                    if t.offset > pos:
-                        pad = b"\0" * (t.offset - pos)
-                        f.write(pad)
-                        h.update(pad)
-                    a = src.weights[name].load()
-                    if a.nbytes != t.nbytes:
-                        raise UserError(f"{src.weights[name].source}: {a.nbytes} bytes loaded, {t.nbytes} expected")
-                    b = np.ascontiguousarray(a, dtype="<f4").tobytes()
-                    f.write(b)
-                    h.update(b)
-                    pos = t.offset + t.nbytes
-                sha = h.hexdigest()
-                f.seek(0)
-                f.write(layout.header.replace(SHA_PLACEHOLDER.encode(), sha.encode(), 1))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_file(path) as f:
+            f.write(layout.header)
+            h = hashlib.sha256()
+            pos = layout.data_start
+            for name in layout.order:
+                t = layout.tensors[name]
+                if t.offset > pos:
+                    pad = b"\0" * (t.offset - pos)
+                    f.write(pad)
+                    h.update(pad)
+                a = src.weights[name].load()
+                if a.nbytes != t.nbytes:
+                    raise UserError(f"{src.weights[name].source}: {a.nbytes} bytes loaded, {t.nbytes} expected")
+                b = np.ascontiguousarray(a, dtype="<f4").tobytes()
+                f.write(b)
+                h.update(b)
+                pos = t.offset + t.nbytes
+            sha = h.hexdigest()
+            f.seek(0)
+            f.write(layout.header.replace(SHA_PLACEHOLDER.encode(), sha.encode(), 1))
         return path, sha, False
 
 
