@@ -232,3 +232,18 @@ def test_python_m_equals_console_script(plans):
                        capture_output=True, text=True)
     b = exec_cli("run", str(plans["resident"]), "--prompt", "hi", "--max-tokens", "5", "--json")
     assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+
+
+def test_target_threads_set_numba_threads(tmp_path):
+    import numba
+
+    tgt = {"name": "one-core", "threads": 1, "read_bandwidth_gbs": 1.0, "mem_bandwidth_gbs": 4.0,
+           "compute_gflops": 10.0, "prefetch_headroom": 0.2}
+    plan = compile_synth(tmp_path, "greedy_grouping", 64 * MiB, tgt).plan_path
+    code = ("import numba, json; from edge_rt_exec.engine import Engine; e = Engine(%r); "
+            "print(json.dumps([e.threads, numba.get_num_threads()]))" % str(plan))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout) == [1, 1]
+    o = json.loads(exec_cli("run", str(plan), "--prompt", "hi", "--max-tokens", "2", "--json",
+                            "--threads", "2").stdout)
+    assert o["threads"] == min(2, numba.config.NUMBA_NUM_THREADS)
