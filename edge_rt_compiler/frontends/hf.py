@@ -192,13 +192,19 @@ def _llama(cfg: dict, t: _Tensors, folder: Path):
     tie = bool(cfg.get("tie_word_embeddings", False))
     if not tie and "lm_head.weight" not in t.where:
         tie = True  # some exports drop the tied copy
+    # transformers 4.x writes rope_theta / rope_scaling; 5.x writes one rope_parameters dict.
+    rp = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or ({k: v for k, v in rp.items() if k != "rope_theta"} if rp else None)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
     config = TransformerConfig(
         family="llama", vocab_size=int(_need(cfg, "vocab_size", folder)), hidden_size=d,
         n_layers=int(_need(cfg, "num_hidden_layers", folder)), n_heads=n_head, n_kv_heads=n_kv,
         head_dim=int(cfg.get("head_dim") or (d // n_head if n_head else 0)),
         intermediate_size=int(_need(cfg, "intermediate_size", folder)),
         max_position=int(cfg.get("max_position_embeddings", 2048)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=cfg.get("rope_scaling"),
+        rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=tie, activation="silu",
     )
     p = _find_prefix(t, ["model.", ""], "embed_tokens.weight", folder)
