@@ -10,6 +10,7 @@ Strategies are registered in `STRATEGIES` under the names of `conf/strategy/*.ya
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -218,7 +219,7 @@ def _minimum_error(ctx: Context, strategy: str, slots: int) -> UserError:
         f"largest unit {fmt_bytes(ctx.min_slot)} ({ctx.min_slot_unit})"
     return UserError(
         f"budget {fmt_bytes(ctx.budget)} is too small for strategy '{strategy}' on {ctx.model_name}: needs at "
-        f"least {fmt_bytes(need)} ({parts}, {slot_part}); raise budget= or lower max_context= "
+        f"least {fmt_bytes(need, round_up=True)} ({parts}, {slot_part}); raise budget= or lower max_context= "
         f"(now {ctx.max_context})")
 
 
@@ -255,8 +256,8 @@ def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context
     if slot < ctx.min_slot:
         err = _minimum_error(ctx, "speculative_prefetch", 2)
         need = int((ctx.fixed_bytes + 2 * ctx.min_slot) / (1.0 - ctx.prefetch_headroom))
-        msg = str(err).replace(f"needs at least {fmt_bytes(ctx.fixed_bytes + 2 * ctx.min_slot)}",
-                               f"needs at least {fmt_bytes(need)}")
+        msg = str(err).replace(f"needs at least {fmt_bytes(ctx.fixed_bytes + 2 * ctx.min_slot, round_up=True)}",
+                               f"needs at least {fmt_bytes(need, round_up=True)}")
         if ctx.prefetch_headroom:
             msg = msg.replace("; raise", f", with prefetch headroom {ctx.prefetch_headroom:g}; raise")
         raise UserError(msg)
@@ -330,12 +331,16 @@ def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes:
     return Cost(dec * 1e3, pre * 1e3, prompt_tokens, rbytes, sum(reads) * 1e3, comp * 1e3)
 
 
-def fmt_bytes(n: int) -> str:
-    """Bytes as the override syntax users type (K/M/G, one decimal when needed)."""
+def fmt_bytes(n: int, round_up: bool = False) -> str:
+    """Bytes as the override syntax users type (K/M/G, one decimal when needed). `round_up` for minimums: the
+    printed value itself must be enough."""
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= scale:
             v = n / scale
-            return f"{v:.0f}{unit}" if abs(v - round(v)) < 0.05 else f"{v:.1f}{unit}"
+            if round_up:
+                v = math.ceil(v * 10 - 1e-9) / 10
+            return f"{v:.0f}{unit}" if abs(v - round(v)) < 0.05 and (not round_up or v == round(v)) \
+                else f"{v:.1f}{unit}"
     return f"{n}B"
 
 

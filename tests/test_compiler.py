@@ -340,3 +340,11 @@ def test_tokenizer_round_trip(synth_source):
         ids = tok.encode(text).ids
         assert max(ids) < 8192 and tok.decode(ids) == text
     assert tok.encode("a<|endoftext|>b").ids[1] == 8191
+
+
+def test_stated_minimum_is_enough_for_every_strategy(synth_dir, target):
+    for strategy in ("sequential", "greedy_grouping", "speculative_prefetch"):
+        with pytest.raises(UserError) as e:
+            compile_synth(synth_dir, strategy, 1 * MiB, target)
+        need = parse_bytes(str(e.value).split("needs at least ")[1].split(" ")[0])
+        compile_synth(synth_dir, strategy, need, target)
