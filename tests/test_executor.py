@@ -240,8 +240,8 @@ def test_target_threads_set_numba_threads(tmp_path):
     tgt = {"name": "one-core", "threads": 1, "read_bandwidth_gbs": 1.0, "mem_bandwidth_gbs": 4.0,
            "compute_gflops": 10.0, "prefetch_headroom": 0.2}
     plan = compile_synth(tmp_path, "greedy_grouping", 64 * MiB, tgt).plan_path
-    code = ("import numba, json; from edge_rt_exec.engine import Engine; e = Engine(%r); "
-            "print(json.dumps([e.threads, numba.get_num_threads()]))" % str(plan))
+    code = (f"import numba, json; from edge_rt_exec.engine import Engine; e = Engine({str(plan)!r}); "
+            "print(json.dumps([e.threads, numba.get_num_threads()]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(r.stdout) == [1, 1]
     o = json.loads(exec_cli("run", str(plan), "--prompt", "hi", "--max-tokens", "2", "--json",
