@@ -163,6 +163,20 @@ def _precheck(argv: list[str]) -> None:
                 if v != "null" and (not v.strip().isdigit() or int(v) <= 0):
                     raise UserError(f"{key}={v} must be a positive whole number of tokens, e.g. {key}=2048")
     assert set(groups["strategy"]) == set(STRATEGIES), "conf/strategy/*.yaml and STRATEGIES differ"
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    if any("," in a for a in overrides) or any(a.split("=")[0].lstrip("+~").startswith("hydra") for a in overrides):
+        return  # sweeps and Hydra's own settings: composed (and checked) by Hydra per job
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            compose(config_name="config", overrides=overrides)
+    except Exception as e:  # Hydra/OmegaConf report bad overrides as several exception types
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[0] if lines else e.__class__.__name__
+        hint = next((ln for ln in lines[1:] if ln.lower().startswith(("to append", "key", "value"))), "")
+        raise UserError(f"bad override: {detail}" + (f" ({hint})" if hint else "") +
+                        "; see `edge-rt-compile --help` and conf/") from None
 
 
 def main() -> None:
@@ -171,7 +185,10 @@ def main() -> None:
     except UserError as e:
         print(f"edge-rt-compile: error: {e}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    try:
+        hydra_main()
+    except BrokenPipeError:  # `edge-rt-compile --help | head`
+        sys.exit(0)
     if _sweep_failed:
         sys.exit(2)
 

@@ -312,6 +312,8 @@ def test_hydra_compose_and_compile(tmp_path):
     (["model=synthetic_gpt2", "budget=1M"], "needs at least"),
     (["model=synthetic_gpt2", "max_context=100000"], "exceeds what synthetic-gpt2 supports (256)"),
     (["model=local", "model.path=/does/not/exist"], "model path not found"),
+    (["foo=bar"], "bad override: Could not override 'foo'"),
+    (["target.threads=abc"], "bad override"),
 ])
 def test_bad_overrides_are_one_clear_line(tmp_path, args, needle):
     r = run_cli([*args, f"out_dir={tmp_path}"], tmp_path)
