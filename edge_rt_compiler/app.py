@@ -42,7 +42,7 @@ def request_from_cfg(cfg: DictConfig) -> CompileRequest:
                          max_context=m.max_context, synthetic=dict(m.synthetic or {}))
     if model.source == "local" and (model.path in (None, "???") or OmegaConf.is_missing(m, "path")):
         raise UserError("model=local needs model.path=PATH (an HF folder, a .gguf or an .onnx file)")
-    target = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items()}  # type: ignore[union-attr]
+    target = {str(k): v for k, v in OmegaConf.to_container(t, resolve=True).items()}  # type: ignore[union-attr]
     return CompileRequest(model=model, strategy=strategy, budget=budget, target=target,
                           max_context=cfg.max_context, max_batch_tokens=cfg.max_batch_tokens,
                           out_dir=Path(cfg.out_dir))
@@ -71,7 +71,8 @@ def compile_from_cfg(cfg: DictConfig) -> CompileResult:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    mode = HydraConfig.get().mode
+    multirun = mode is not None and mode.name == "MULTIRUN"
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         res = compile_from_cfg(cfg)

@@ -30,6 +30,8 @@ from .weights_layout import WeightsLayout, compute_layout
 #: Per-plan runtime overhead beyond the arena (Python objects for views, the reader thread's stack pages,
 #: the tokenizer's per-call buffers). Measured by benchmarks/bench_memory.py; kept with margin.
 RUNTIME_RESERVE = 6 * 1024 * 1024
+#: ONNX graphs carry no trained context length: the default maximum of their sequence dims.
+ONNX_DEFAULT_CONTEXT = 256
 
 
 @dataclass
@@ -53,6 +55,7 @@ class CompileRequest:
     max_batch_tokens: int | None = None
     out_dir: Path = Path("artifacts")
     plan_name: str | None = None
+    onnx_dims: dict[str, int] | None = None  #: ONNX graphs: maximum of a symbolic input dim, by name
 
 
 @dataclass
@@ -168,7 +171,9 @@ def build_plan(src: ModelSource, g: nx.DiGraph, layout: WeightsLayout, req: Comp
     layer_bytes = [(u.byte_end - u.byte_start, names[u.unit]) for u in units
                    if names[u.unit].startswith("layer.") and u.byte_start >= 0]
     min_slot, min_unit = max(layer_bytes) if layer_bytes else (0, "none")
-    fixed_parts = {"KV cache": kv, "activations": act0, "runtime reserve":
+    if "min_slot" in g.graph:  # ONNX graphs: segments split freely; the floor is the largest unsplittable op
+        min_slot, min_unit = g.graph["min_slot"]
+    fixed_parts = {"constants" if "onnx" in g.graph else "KV cache": kv, "activations": act0, "runtime reserve":
                    RUNTIME_RESERVE}
     ctx = Context(budget=req.budget, fixed_bytes=kv + act0 + RUNTIME_RESERVE, fixed_parts=fixed_parts,
                   total_weight_bytes=layout.file_size, min_slot=min_slot, min_slot_unit=min_unit,
@@ -202,7 +207,8 @@ def build_plan(src: ModelSource, g: nx.DiGraph, layout: WeightsLayout, req: Comp
                                  list(concrete_shape(spec.shape, dims)), r.first, r.last)
     arena_size = act_off + acts.total
 
-    schedule, groups = [], []
+    schedule: list[Op] = []
+    groups: list[Group] = []
     for gi, grp in enumerate(part.groups):
         start = len(schedule)
         for o in grp.ops:
@@ -220,7 +226,8 @@ def build_plan(src: ModelSource, g: nx.DiGraph, layout: WeightsLayout, req: Comp
     plan = Plan(
         format=PLAN_FORMAT, schema_version=SCHEMA_VERSION, byte_order="little", compiler_version=__version__,
         model={"name": src.name, "family": src.config.family, "kind": src.config.kind,
-               "config": src.config.to_dict(), "origin": src.origin},
+               "config": src.config.to_dict(), "origin": src.origin,
+               **({"onnx": g.graph["onnx"]} if "onnx" in g.graph else {})},
         files={}, target=dict(req.target), strategy=part.strategy, requested_strategy=req.strategy,
         budget=req.budget, max_context=max_context, max_batch_tokens=max_batch_tokens,
         weights_mode=part.weights_mode, alignment=ALIGNMENT, tensors=tensors, groups=groups, schedule=schedule,
@@ -273,7 +280,8 @@ def compile_model(req: CompileRequest) -> CompileResult:
     out_root = Path(req.out_dir)
     src = load_source(req.model, out_root)
     cfg = src.config
-    model_ctx = req.model.max_context or cfg.max_position
+    is_onnx = cfg.family == "onnx"
+    model_ctx = req.model.max_context or (ONNX_DEFAULT_CONTEXT if is_onnx else cfg.max_position)
     if cfg.kind == "encoder" and src.generation.get("max_seq_length"):
         model_ctx = min(model_ctx, int(src.generation["max_seq_length"]))
     max_context = req.max_context if req.max_context is not None else model_ctx
@@ -287,8 +295,16 @@ def compile_model(req: CompileRequest) -> CompileResult:
         raise UserError(f"max_batch_tokens={mbt} must be positive")
     if cfg.kind == "decoder":
         mbt = min(mbt, max_context)
-    g = build_ir(src)
-    report = validate(g, src)
+    if is_onnx:
+        from .onnx_ir import build_onnx_ir, validate_onnx_ir
+
+        g = build_onnx_ir(src, max_context, mbt, req.onnx_dims)  # type: ignore[arg-type]
+        for alias, orig in g.graph["weight_aliases"].items():
+            src.weights[alias] = src.weights[orig]
+        report = validate_onnx_ir(g, src)  # type: ignore[arg-type]
+    else:
+        g = build_ir(src)
+        report = validate(g, src)
     folder = out_root / _safe(src.name)
     layout = compute_layout(g, {"edge_rt_source": src.source_key, "edge_rt_data_sha256": SHA_PLACEHOLDER,
                                 "edge_rt_model": src.name})

@@ -20,10 +20,10 @@ def derived_lifetimes(plan: Plan) -> dict[str, tuple[int, int]]:
         for t in names:
             a, b = life.get(t, (op.index, op.index))
             life[t] = (min(a, op.index), max(b, op.index))
-    for name, b in plan.buffers.items():
-        if b.kind in ("slot", "kv"):
+    for name, buf in plan.buffers.items():
+        if buf.kind in ("slot", "kv"):
             life[name] = (0, n)  # persistent
-        elif b.kind == "input":
+        elif buf.kind == "input":
             life[name] = (0, life.get(name, (0, 0))[1])
     if plan.schedule:
         last = plan.schedule[-1]
@@ -52,10 +52,10 @@ def verify_plan(plan: Plan) -> None:
         for s1, e1, n1 in placed[i + 1:]:
             if s1 >= e0:
                 break
-            a, b = life[n0], life[n1]
-            if a[0] <= b[1] and b[0] <= a[1]:
+            la, lb = life[n0], life[n1]
+            if la[0] <= lb[1] and lb[0] <= la[1]:
                 problems.append(f"buffers {n0} [{s0},{e0}) and {n1} [{s1},{e1}) are live together at op "
-                                f"{max(a[0], b[0])} and overlap")
+                                f"{max(la[0], lb[0])} and overlap")
     peak = plan.arena["size"] + plan.arena.get("reserve", 0) + plan.arena.get("resident_weights", 0)
     if peak > plan.budget:
         problems.append(f"planned peak {peak} exceeds the budget {plan.budget}")

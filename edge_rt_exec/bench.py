@@ -49,8 +49,12 @@ def _run_one(plan_path: str, args: Any, sentences_file: str) -> dict[str, Any]:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["failed"])[-1]
-        raise UserError(f"bench: {p.path.name} failed: {msg}")
+        raise UserError(f"bench: {_name(p)} failed: {msg}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _name(p: Any) -> str:
+    return p.path.name if p.path is not None else "?"
 
 
 def run_bench(args: Any) -> int:
@@ -73,8 +77,8 @@ def run_bench(args: Any) -> int:
             def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
                 return float(statistics.median(r[key] for r in rs)) if key in rs[0] else float("nan")
 
-            _weights_bytes[p.path.name] = int(p.files.get("weights_size", 0))
-            row = {"plan": p.path.name, "model": p.model["name"], "strategy": p.strategy,
+            _weights_bytes[_name(p)] = int(p.files.get("weights_size", 0))
+            row = {"plan": _name(p), "model": p.model["name"], "strategy": p.strategy,
                    "budget_mb": round(p.budget / 2**20, 1), "groups": len(p.groups), "mode": p.weights_mode,
                    "planned_peak_mb": round(p.predicted["peak_bytes"] / 2**20, 1),
                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "baseline_rss_mb": med("baseline_rss_mb"),

@@ -92,7 +92,7 @@ class BoundedFile:
 
     def read_into(self, offset: int, out: np.ndarray, what: str) -> None:
         """Fill `out` (contiguous) with file bytes starting at `offset` (pread; releases the GIL)."""
-        buf = memoryview(out).cast("B")
+        buf = memoryview(out).cast("B")  # type: ignore[arg-type]
         self.check(offset, buf.nbytes, what)
         done = 0
         while done < buf.nbytes:

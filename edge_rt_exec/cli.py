@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -23,7 +24,7 @@ PROG = "edge-rt-exec"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other user error
         raise UserError(f"{message}; see `{self.prog} --help`")
 
 

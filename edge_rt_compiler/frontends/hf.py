@@ -193,10 +193,11 @@ def _llama(cfg: dict, t: _Tensors, folder: Path):
     if not tie and "lm_head.weight" not in t.where:
         tie = True  # some exports drop the tied copy
     # transformers 4.x writes rope_theta / rope_scaling; 5.x writes one rope_parameters dict.
-    rp = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    rp_raw = cfg.get("rope_parameters")
+    rp: dict[str, Any] = rp_raw if isinstance(rp_raw, dict) else {}
     theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     scaling = cfg.get("rope_scaling") or ({k: v for k, v in rp.items() if k != "rope_theta"} if rp else None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     config = TransformerConfig(
         family="llama", vocab_size=int(_need(cfg, "vocab_size", folder)), hidden_size=d,
