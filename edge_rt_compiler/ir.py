@@ -41,12 +41,17 @@ class Dims:
     S: int  #: max padded sentence length
 
 
+#: Bytes per element of the dtypes tensors may have (ONNX graphs carry more than float32 and int64).
+_ITEMSIZE = {"float32": 4, "int64": 8, "int32": 4, "float64": 8, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2,
+             "uint32": 4, "uint64": 8, "bool": 1}
+
+
 def concrete_shape(shape: Shape, dims: Dims) -> tuple[int, ...]:
     return tuple(getattr(dims, d) if isinstance(d, str) else int(d) for d in shape)
 
 
 def nbytes_of(spec: TensorSpec, dims: Dims) -> int:
-    n = {"float32": 4, "int64": 8, "int32": 4}[spec.dtype]
+    n = _ITEMSIZE[spec.dtype]
     for d in concrete_shape(spec.shape, dims):
         n *= d
     return n

@@ -142,11 +142,15 @@ def units_of(ops: list[SchedOp]) -> list[Piece]:
     return pieces
 
 
+#: Op types with a `[out, in]` weight (and optional bias) that may be split along output rows (`rows` attr).
+TILEABLE = ("linear", "lm_head", "onnx.linear")
+
+
 def tile_op(o: SchedOp, layout: WeightsLayout, slot: int) -> list[SchedOp]:
     """Split a linear/lm_head op into row tiles whose weight bytes fit `slot`."""
     attrs = dict(o.attrs)
     weights = dict(o.weights)
-    if o.op not in ("linear", "lm_head") or "weight" not in weights:
+    if o.op not in TILEABLE or "weight" not in weights:
         raise InternalError(f"op {o.name} ({o.op}) cannot be tiled")
     t = layout.tensors[weights["weight"]]
     r0, r1 = attrs.get("rows", (0, t.shape[0]))

@@ -120,6 +120,8 @@ def tensor_requests(g: nx.DiGraph, ops: list[Any], dims: Dims) -> tuple[list[Buf
             specs[s] = TensorSpec(shape)
     for t in g.graph["outputs"]:
         last[t] = len(ops) - 1
+    for t in g.graph.get("pinned", ()):  # ONNX decoders: pasts are refilled from the presents between runs
+        last[t] = len(ops) - 1
     reqs = [BufferRequest(t, nbytes_of(specs[t], dims), first[t], last[t]) for t in first]
     return reqs, {"kinds": kinds, "specs": specs}
 
@@ -131,7 +133,8 @@ def plan_dims(src: ModelSource, max_context: int, max_batch_tokens: int) -> Dims
 
 
 def kv_bytes(g: nx.DiGraph, dims: Dims) -> int:
-    return sum(nbytes_of(s, dims) for s in g.graph["state"].values())
+    """The persistent region as build_plan lays it out (each buffer aligned; ONNX constants are small)."""
+    return sum(_align(nbytes_of(s, dims)) for s in g.graph["state"].values())
 
 
 def choose(units: list[Any], layout: WeightsLayout, ctx: Context, names: list[str], strategy: str,
@@ -293,7 +296,7 @@ def compile_model(req: CompileRequest) -> CompileResult:
     mbt = req.max_batch_tokens if req.max_batch_tokens is not None else min(max_context, 512)
     if mbt <= 0:
         raise UserError(f"max_batch_tokens={mbt} must be positive")
-    if cfg.kind == "decoder":
+    if cfg.kind == "decoder" and not is_onnx:  # ONNX graphs bound batch x sequence with it (onnx_ir)
         mbt = min(mbt, max_context)
     if is_onnx:
         from .onnx_ir import build_onnx_ir, validate_onnx_ir

@@ -2,6 +2,7 @@
 
   edge-rt-exec run PLAN --prompt TEXT [--chat] [--max-tokens N] [--temperature T] [--json]
   edge-rt-exec embed PLAN --file sentences.txt --out emb.npy
+  edge-rt-exec infer PLAN --inputs in.npz --out out.npz       (plans compiled from an ONNX graph)
   edge-rt-exec bench PLAN [PLAN ...] [--prompt TEXT] [--json]
   edge-rt-exec inspect PLAN [--verify] [--json]
   edge-rt-exec status [--json]
@@ -51,6 +52,10 @@ def _session(args: argparse.Namespace):
     t0 = time.perf_counter()
     plan = load_plan(args.plan)
     _warm_runtime()
+    if "onnx" in plan.model:
+        from .onnx_runtime import warm_plan
+
+        warm_plan(plan)  # the kernel specializations this plan runs, loaded before the baseline
     if "tokenizer" in plan.files:
         load_tokenizer(plan)  # same object size as the session's; loaded once before the baseline
     baseline = peak_rss()
@@ -143,6 +148,55 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Feed named graph inputs from an .npz, write every graph output by name to an .npz."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from .engine import Engine
+    from .generate import memory_report
+    from .memory import peak_rss
+    from .plan import atomic_write, load_plan
+
+    plan = load_plan(args.plan)
+    if "onnx" not in plan.model:
+        raise UserError(f"{plan.path}: infer runs plans compiled from an ONNX graph; use run or embed for "
+                        f"{plan.model.get('name')}")
+    try:
+        with np.load(args.inputs, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{args.inputs}: cannot read the inputs ({e.__class__.__name__}: {e}); give an .npz written "
+                        "by numpy.savez with one array per graph input, named like the input") from None
+    _warm_runtime()
+    from .onnx_runtime import warm_plan
+
+    warm_plan(plan)
+    baseline = peak_rss()
+    eng = Engine(plan, threads=args.threads)
+    try:
+        t0 = time.perf_counter()
+        out = eng.infer(feeds)
+        dt = time.perf_counter() - t0
+    finally:
+        eng.close()
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    atomic_write(Path(args.out), buf.getvalue())
+    mem = memory_report(baseline)
+    info = {"out": str(args.out), "ms": round(dt * 1e3, 2), **mem,
+            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in out.items()}}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in out.items())
+        print(f"wrote {len(out)} output(s) to {args.out}: {shapes} ({dt * 1e3:.1f} ms; peak RSS "
+              f"{mem['peak_rss_mb']:.0f} MB = baseline {mem['baseline_rss_mb']:.0f} MB + {mem['plan_rss_mb']:.0f} MB)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import describe
     from .plan import load_plan
@@ -179,6 +233,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _threads(value: str) -> int:
+    """`--threads N` or `--threads auto`: the cores idle over a short sample, so a busy board does not make the
+    kernels wait at every parallel region for a thread the OS has descheduled."""
+    if value == "auto":
+        import psutil
+
+        busy = psutil.cpu_percent(interval=0.2, percpu=True)
+        return max(1, sum(1 for b in busy if b < 50.0))
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads {value!r}: give a positive number or 'auto'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads {n}: must be at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description="Run edge-rt plans on the device (numba kernels, streamed weights).",
                  epilog="PLAN: a *.plan.json written by edge-rt-compile, or its artifact folder if it holds one plan.")
@@ -187,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("plan", help="plan file or artifact folder")
-        p.add_argument("--threads", type=int, default=None, help="numba threads (default: the plan's target)")
+        p.add_argument("--threads", type=_threads, default=None,
+                       help="numba threads: a number, or 'auto' for the cores idle right now (default: the plan's "
+                       "target preset)")
 
     r = sub.add_parser("run", help="generate text with a decoder plan")
     common(r)
@@ -211,13 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_embed)
 
+    f = sub.add_parser("infer", help="run a plan compiled from an ONNX graph on named inputs")
+    common(f)
+    f.add_argument("--inputs", required=True, help=".npz with one array per graph input, named like the input")
+    f.add_argument("--out", required=True, help="output .npz: every graph output, by name")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=cmd_infer)
+
     b = sub.add_parser("bench", help="run each plan on the same prompt (one process each) and compare")
     b.add_argument("plans", nargs="+", help="plan files or artifact folders")
     b.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. Once upon a time,",
                    help="prompt for decoder plans")
     b.add_argument("--max-tokens", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3, help="runs per plan; medians are reported")
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--threads", type=_threads, default=None, help="as for run (default: each plan's target)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 

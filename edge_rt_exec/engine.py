@@ -8,10 +8,10 @@ twin (`reference.py`) on the same inputs and records the worst difference per op
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class Timings:
 def set_threads(n: int | None) -> int:
     import numba
 
-    avail = numba.config.NUMBA_NUM_THREADS
+    avail = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     n = avail if not n else max(1, min(int(n), avail))
     numba.set_num_threads(n)
     return n
@@ -42,7 +42,7 @@ def set_threads(n: int | None) -> int:
 class Engine:
     """Load a plan, map its weights and run forward passes."""
 
-    def __init__(self, plan: Plan | str | os.PathLike, threads: int | None = None, validate: bool = False,
+    def __init__(self, plan: Plan | str | Path, threads: int | None = None, validate: bool = False,
                  profile: bool = False) -> None:
         from . import kernels as K  # compiles or loads the cached kernels
 
@@ -76,6 +76,17 @@ class Engine:
             "add": self._add, "silu_mul": self._silu_mul, "gelu_tanh": self._gelu_tanh, "gelu_erf": self._gelu_erf,
             "mean_pool_l2": self._mean_pool,
         }
+        self.onnx = None
+        self.onnx_decoder = None
+        if "onnx" in p.model:  # a plan compiled from an ONNX graph: its ops run in onnx_runtime
+            from .onnx_runtime import OnnxRunner
+
+            self.onnx = OnnxRunner(self)
+            self.ops.update(self.onnx.table())
+            if p.model["onnx"].get("decoder"):
+                from .onnx_runtime import OnnxDecoder
+
+                self.onnx_decoder = OnnxDecoder(self.onnx, p.max_context)
         unknown = sorted({op.op for op in p.schedule} - set(self.ops))
         if unknown:
             raise UserError(f"{p.path}: op types {unknown} are not supported by this executor; upgrade edge-rt "
@@ -120,6 +131,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         self.pos = 0
+        if self.onnx_decoder is not None:
+            self.onnx_decoder.reset()
 
     def _run(self, n: int) -> None:
         p = self.plan
@@ -148,6 +161,8 @@ class Engine:
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Decoder: feed `ids` (at most max_batch_tokens) at the current position; return the last row's
         logits (a view into the arena, valid until the next step)."""
+        if self.onnx_decoder is not None:
+            return self.onnx_decoder.step(ids)
         n = len(ids)
         if n == 0:
             raise UserError("empty input: nothing to run")
@@ -169,6 +184,8 @@ class Engine:
 
     def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Run a prompt in chunks of max_batch_tokens; return the last logits."""
+        if self.onnx_decoder is not None:
+            return self.onnx_decoder.prefill(ids)
         ids = np.asarray(ids, dtype=np.int64)
         if self.pos + len(ids) > self.plan.max_context:
             raise UserError(f"prompt of {len(ids)} tokens does not fit the plan's max_context "
@@ -197,6 +214,12 @@ class Engine:
         self._run(n)
         return self.buf["embeddings"][:B].copy()
 
+    def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """ONNX plans: feed named graph inputs, return every graph output (or the named ones) by name (copies)."""
+        if self.onnx is None:
+            raise UserError(f"{self.plan.path}: infer needs a plan compiled from an ONNX graph; use run or embed")
+        return self.onnx.run(feeds, outputs)
+
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
@@ -216,8 +239,9 @@ class Engine:
     def _embed(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
         K, out = self.K, self._out(op, n)
         ids = self.buf["ids"][:n]
-        extra = [("pos", self.buf["positions"][:n]), ("type", self.buf["type_ids"][:n] if "type" in op.weights
-                                                      else None)]
+        extra = [("pos", self.buf["positions"][:n])]
+        if "type" in op.weights:
+            extra.append(("type", self.buf["type_ids"][:n]))
         if self.plan.weights_mode == "streamed":
             # Gather rows straight from the file: the table itself is never loaded.
             for role, idx in [("tok", ids)] + extra:
