@@ -86,8 +86,17 @@ def load_source(m: ModelRequest, out_dir: Path) -> ModelSource:
         src = load_path(m.path)
     else:
         raise UserError(f"model '{m.name}': unknown source {m.source!r}; use synthetic, package or local")
-    src.name = m.name
+    src.name = m.name if m.source != "local" or m.name != "local" else _local_name(Path(str(m.path)))
     return src
+
+
+def _local_name(p: Path) -> str:
+    """An artifact folder name for model=local: the folder's or file's name (with its folder for generic
+    names such as model.onnx), so two local models never share (and overwrite) one weights file."""
+    p = p.expanduser().resolve()
+    if p.is_dir():
+        return p.name
+    return p.stem if p.stem.lower() not in ("model", "weights", "pytorch_model") else f"{p.parent.name}-{p.stem}"
 
 
 def _slug(spec: Any) -> str:

@@ -88,7 +88,11 @@ class Session:
     def generate(self, prompt_ids: list[int], max_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
                  stop_at_eos: bool = True) -> GenerationResult:
-        if self.plan.model["kind"] != "decoder":
+        kind = self.plan.model["kind"]
+        if kind == "graph" and not self.engine.onnx_decoder:
+            raise UserError(f"{self.plan.model['name']} is an ONNX graph without token inputs and logits; run it "
+                            "with `edge-rt-exec infer PLAN --inputs in.npz --out out.npz`")
+        if kind == "encoder":
             raise UserError(f"{self.plan.model['name']} is an encoder; use `edge-rt-exec embed`")
         if not prompt_ids:
             raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -141,7 +145,12 @@ class Session:
 
     # ---- encoders ---------------------------------------------------------------------------------------
     def embed(self, sentences: list[str]) -> np.ndarray:
-        if self.plan.model["kind"] != "encoder":
+        kind = self.plan.model["kind"]
+        if kind == "graph":
+            raise UserError(f"{self.plan.model['name']} is an ONNX graph: `embed` needs a plan compiled from an "
+                            "encoder checkpoint (HF folder); run the graph with `edge-rt-exec infer PLAN --inputs "
+                            "in.npz --out out.npz`")
+        if kind != "encoder":
             raise UserError(f"{self.plan.model['name']} is a decoder; use `edge-rt-exec run`")
         if self.tokenizer is None:
             raise UserError(f"{self.plan.path}: no tokenizer in the artifact")
