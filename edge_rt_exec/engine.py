@@ -8,6 +8,7 @@ twin (`reference.py`) on the same inputs and records the worst difference per op
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,13 @@ class Engine:
         self.K = K
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         p = self.plan
-        self.threads = set_threads(threads if threads is not None else p.target.get("threads"))
+        want = threads if threads is not None else p.target.get("threads")
+        cores = os.cpu_count() or 1
+        if threads is None and len(p.arena["slots"]) >= 2 and cores > 1 and (want or cores) >= cores:
+            # speculative_prefetch: leave a core to the reader thread, or compute and reads fight over every core
+            # and the kernels' parallel regions wait on a descheduled thread (benchmarks/bench_streaming.py)
+            want = cores - 1
+        self.threads = set_threads(want)
         self.validate = validate
         self.profile = profile
         self.worst: dict[str, float] = {}
