@@ -301,14 +301,13 @@ class Engine:
         bias = w.get("bias", _EMPTY)
         rows = op.attrs.get("rows")
         if rows is not None and (rows[0] != 0 or rows[1] != out_full.shape[1]):
-            self.K.linear_rows(x, w["weight"], bias, out_full, rows[0])
-            out, col = out_full[:, rows[0]:rows[1]], rows[0]
+            self.K.linear_rows(x, w["weight"], bias, out_full, rows[0])  # a row tile writes its columns
+            out = out_full[:, rows[0]:rows[1]]
         else:
             self.K.linear(x, w["weight"], bias, out_full)
-            out, col = out_full, 0
+            out = out_full
         if self.validate:
             self._check(op, out, ref.linear(x, w["weight"], bias if bias.size else None))
-        del col
 
     def _lm_head(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
         x = self._in(op, 0, n)[n - 1:n]  # only the last row's logits are needed
