@@ -80,7 +80,7 @@ class OnnxRunner:
         return _Prepared(t, args, list(op.attrs.get("outs", op.outputs)), attrs, S.VALUE_INPUTS.get(t, ()), handler)
 
     def table(self) -> dict[str, Callable[[Op, int, dict[str, np.ndarray]], None]]:
-        return {op.op: self.exec for op in self.e.plan.schedule if op.op.startswith("onnx.")}
+        return {op.op: self.run_op for op in self.e.plan.schedule if op.op.startswith("onnx.")}
 
     # ---- views ------------------------------------------------------------------------------------------------
     def view(self, name: str) -> np.ndarray:
@@ -102,7 +102,7 @@ class OnnxRunner:
         return b.reshape(-1)[:n].reshape(shape)
 
     # ---- one op -----------------------------------------------------------------------------------------------
-    def exec(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
+    def run_op(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
         p = self.prep[op.index]
         ins: list[np.ndarray | None] = []
         streamed_table = None
