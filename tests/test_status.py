@@ -471,7 +471,9 @@ def test_format_status_alignment_and_units():
     assert "n/a" in text
     assert "min n/a" in text  # the missing min frequency
     # every row puts its value at the same column (2 spaces of indent + the label field)
-    col = 2 + st._LABEL_W
+    from edge_rt_exec import status_report
+
+    col = 2 + status_report._LABEL_W
     rows = [ln for ln in lines if ln.startswith("  ")]
     assert rows
     for ln in rows:
