@@ -45,7 +45,8 @@ def request_from_cfg(cfg: DictConfig) -> CompileRequest:
     target = {str(k): v for k, v in OmegaConf.to_container(t, resolve=True).items()}  # type: ignore[union-attr]
     return CompileRequest(model=model, strategy=strategy, budget=budget, target=target,
                           max_context=cfg.max_context, max_batch_tokens=cfg.max_batch_tokens,
-                          out_dir=Path(cfg.out_dir))
+                          out_dir=Path(cfg.out_dir),
+                          onnx_dims={str(k): int(v) for k, v in (cfg.get("onnx_dims") or {}).items()} or None)
 
 
 def summary_row(res: CompileResult) -> dict[str, Any]:

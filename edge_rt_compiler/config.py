@@ -45,6 +45,7 @@ class CompileConf:
     max_context: int | None = None
     max_batch_tokens: int | None = None
     out_dir: str = "artifacts"
+    onnx_dims: dict = field(default_factory=dict)  #: ONNX graphs: the maximum of a symbolic input dim, by name
 
 
 def register() -> None:

@@ -350,3 +350,11 @@ def test_stated_minimum_is_enough_for_every_strategy(synth_dir, target):
             compile_synth(synth_dir, strategy, 1 * MiB, target)
         need = parse_bytes(str(e.value).split("needs at least ")[1].split(" ")[0])
         compile_synth(synth_dir, strategy, need, target)
+
+
+def test_onnx_dims_override_reaches_the_request():
+    from edge_rt_compiler.app import request_from_cfg
+
+    cfg = compose(["model=local", "model.path=/x.onnx", "+onnx_dims.batch=8"])
+    assert request_from_cfg(cfg).onnx_dims == {"batch": 8}
+    assert request_from_cfg(compose(["model=local", "model.path=/x.onnx"])).onnx_dims is None
