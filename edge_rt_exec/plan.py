@@ -20,18 +20,20 @@ from typing import Any, BinaryIO
 from .errors import UserError
 
 PLAN_FORMAT = "edge-rt-plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PLAN_SUFFIX = ".plan.json"
 ALIGNMENT = 64
+#: In an op's `inputs`, a name starting with this refers to a weight (a key of `Plan.weights`), not a buffer.
+WEIGHT_REF = "@"
 
 
 @dataclass
 class Buffer:
-    """A region of the arena. Activations are 2-D `[rows, width]`; `rows` is the plan's maximum and the
-    engine uses the first `n` rows of a step."""
+    """A region of the arena. `shape` is the planned maximum (activations are planned for the largest shape
+    any run may give them; a run views the first elements with its own shape)."""
 
     name: str
-    kind: str  #: "activation" | "kv" | "slot" | "scratch" | "input"
+    kind: str  #: "slot" | "state" (KV cache) | "const" (inline constants) | "input" | "activation" | "scratch"
     offset: int
     nbytes: int
     dtype: str
@@ -42,17 +44,24 @@ class Buffer:
 
 @dataclass
 class Op:
-    """One step of the schedule."""
+    """One step of the schedule: an op of the executor's registry (`edge_rt_exec.ops`)."""
 
     index: int
-    op: str  #: op type, a key of the engine's op table
+    op: str  #: op name in the registry ("Linear", "LayerNormalization", "CausalAttention", ...)
     name: str
     unit: int
     group: int
-    inputs: list[str]
-    outputs: list[str]
-    weights: dict[str, str] = field(default_factory=dict)  #: role -> tensor name in the weights file
+    inputs: list[str]  #: positional: a buffer name, WEIGHT_REF + weight name, or "" for an absent input
+    outputs: list[str]  #: positional: a buffer name, or "" for an absent optional output
     attrs: dict[str, Any] = field(default_factory=dict)
+    scratch: list[str] = field(default_factory=list)  #: op-local scratch buffers, in the op's order
+
+    def weight_inputs(self) -> list[tuple[int, str]]:
+        """(position, weight name) of every input that is a weight."""
+        return [(i, t[1:]) for i, t in enumerate(self.inputs) if t.startswith(WEIGHT_REF)]
+
+    def buffer_inputs(self) -> list[str]:
+        return [t for t in self.inputs if t and not t.startswith(WEIGHT_REF)]
 
 
 @dataclass
@@ -70,14 +79,14 @@ class Group:
 
 
 @dataclass
-class TensorInfo:
-    """Where a tensor lies in the weights file (absolute offsets)."""
+class WeightInfo:
+    """A weight tensor in the weights file (absolute offsets) and the format its bytes are in."""
 
     offset: int
     nbytes: int
-    dtype: str
-    shape: list[int]
-    gather: bool = False  #: read row-by-row on demand (embedding tables), never loaded into a slot
+    format: str  #: a key of `edge_rt_exec.formats.FORMATS` ("f32", "f16", "q8_0", "q4_0", "q4_1")
+    shape: list[int]  #: logical shape (a linear weight is `[out, in]` whatever its format)
+    gather: bool = False  #: only rows are gathered from it (embedding tables): never loaded into a slot
 
 
 @dataclass
@@ -86,7 +95,13 @@ class Plan:
     schema_version: int
     byte_order: str
     compiler_version: str
-    model: dict[str, Any]  #: name, family, kind ("decoder" | "encoder"), config
+    #: name, family, kind ("decoder" | "encoder" | "graph"), config (the family's; {} for graphs), origin
+    model: dict[str, Any]
+    #: the graph's interface: `inputs` [{name, dtype, dims}] (dims: ints or symbol names), `outputs`
+    #: [{name, dtype}], `bounds` {symbol: maximum}, `constants` {name: {dtype, shape, data}} (small inline
+    #: values copied into their "const" buffers at load), `io` {role: buffer} (roles: ids, positions, type_ids,
+    #: mask, logits, embeddings) and `kv` {mode: "cache" | "past_present" | "none", pairs: [[past, present]]}
+    graph: dict[str, Any]
     files: dict[str, Any]  #: weights, weights_sha256, weights_size, tokenizer, generation
     target: dict[str, Any]
     strategy: str
@@ -94,13 +109,15 @@ class Plan:
     budget: int
     max_context: int
     max_batch_tokens: int
+    quant: str  #: the compile's quant= setting ("keep", "f32", "q4_1", ...)
+    kv_dtype: str  #: "float32" | "float16"
     weights_mode: str  #: "resident" | "streamed"
     alignment: int
-    tensors: dict[str, TensorInfo]
+    weights: dict[str, WeightInfo]
     groups: list[Group]
     schedule: list[Op]
     buffers: dict[str, Buffer]
-    arena: dict[str, Any]  #: size, slots, kv, activations (size, lower_bound, algorithm), reserve
+    arena: dict[str, Any]  #: size, slots, state, activations (size, lower_bound, algorithm), reserve
     predicted: dict[str, Any]
     path: Path | None = None  #: where it was loaded from (not serialised)
 
@@ -122,12 +139,20 @@ class Plan:
         """A companion file of the plan (weights, tokenizer, generation), relative to the plan's folder."""
         return self.folder / self.files[key]
 
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes per weight format ({"q4_1": ..., "f32": ...}), for messages and names."""
+        out: dict[str, int] = {}
+        for w in self.weights.values():
+            out[w.format] = out.get(w.format, 0) + w.nbytes
+        return out
+
 
 _REQUIRED = {
     "format": str, "schema_version": int, "byte_order": str, "compiler_version": str, "model": dict,
-    "files": dict, "target": dict, "strategy": str, "requested_strategy": str, "budget": int,
-    "max_context": int, "max_batch_tokens": int, "weights_mode": str, "alignment": int, "tensors": dict,
-    "groups": list, "schedule": list, "buffers": dict, "arena": dict, "predicted": dict,
+    "graph": dict, "files": dict, "target": dict, "strategy": str, "requested_strategy": str, "budget": int,
+    "max_context": int, "max_batch_tokens": int, "quant": str, "kv_dtype": str, "weights_mode": str,
+    "alignment": int, "weights": dict, "groups": list, "schedule": list, "buffers": dict, "arena": dict,
+    "predicted": dict,
 }
 
 
@@ -146,12 +171,12 @@ def plan_from_dict(raw: Any, where: str) -> Plan:
         raise UserError(f"{where}: not an edge-rt plan (no \"format\": \"{PLAN_FORMAT}\"); "
                         "pass a *.plan.json written by edge-rt-compile")
     version = raw.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
         raise UserError(f"{where}: plan schema version {version} is newer than this executor supports "
                         f"({SCHEMA_VERSION}); upgrade edge-rt on the device or recompile with a matching compiler")
     if version < SCHEMA_VERSION:
         raise UserError(f"{where}: plan schema version {version} is older than this executor's "
-                        f"({SCHEMA_VERSION}); recompile the plan")
+                        f"({SCHEMA_VERSION}); recompile the plan with edge-rt-compile")
     for key, typ in _REQUIRED.items():
         if not isinstance(raw.get(key), typ) or (typ is int and isinstance(raw.get(key), bool)):
             raise UserError(f"{where}: field '{key}' is missing or not a {typ.__name__}; the plan is corrupt")
@@ -159,7 +184,7 @@ def plan_from_dict(raw: Any, where: str) -> Plan:
         raise UserError(f"{where}: plan byte order is {raw['byte_order']!r} but this machine is "
                         f"{sys.byteorder}-endian; edge-rt supports little-endian devices only")
     fields = dict(raw)
-    fields["tensors"] = {k: _typed(f"{where}: tensor {k}", TensorInfo, v) for k, v in raw["tensors"].items()}
+    fields["weights"] = {k: _typed(f"{where}: weight {k}", WeightInfo, v) for k, v in raw["weights"].items()}
     fields["groups"] = [_typed(f"{where}: group {i}", Group, g) for i, g in enumerate(raw["groups"])]
     fields["schedule"] = [_typed(f"{where}: op {i}", Op, o) for i, o in enumerate(raw["schedule"])]
     fields["buffers"] = {k: _typed(f"{where}: buffer {k}", Buffer, v) for k, v in raw["buffers"].items()}
@@ -179,12 +204,12 @@ def check_plan_consistency(plan: Plan, where: str) -> None:
             raise UserError(f"{where}: buffer '{b.name}' [{b.offset}, {b.offset + b.nbytes}) lies outside the "
                             f"{arena}-byte arena; the plan is corrupt")
     for op in plan.schedule:
-        for t in op.inputs + op.outputs:
+        for t in op.buffer_inputs() + [o for o in op.outputs if o] + op.scratch:
             if t not in plan.buffers:
                 raise UserError(f"{where}: op '{op.name}' uses unknown buffer '{t}'; the plan is corrupt")
-        for t in op.weights.values():
-            if t not in plan.tensors:
-                raise UserError(f"{where}: op '{op.name}' uses unknown tensor '{t}'; the plan is corrupt")
+        for _, w in op.weight_inputs():
+            if w not in plan.weights:
+                raise UserError(f"{where}: op '{op.name}' uses unknown weight '{w}'; the plan is corrupt")
         if not 0 <= op.group < len(plan.groups):
             raise UserError(f"{where}: op '{op.name}' names group {op.group}; the plan is corrupt")
     for g in plan.groups:
