@@ -18,3 +18,25 @@ if "NUMBA_CACHE_DIR" not in _os.environ:
 # busy board a spinning pool starves the thread it waits for and one parallel region can take milliseconds;
 # a short spin keeps back-to-back kernels hot and then sleeps. Measured in benchmarks/bench_threads.py.
 _os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+__all__ = ["Decoder", "Engine", "Session", "load_plan", "__version__"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy, so `import edge_rt_exec` (the compiler does) stays cheap
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    if name == "Session":
+        from .generate import Session
+
+        return Session
+    if name == "Decoder":
+        from .decoder import Decoder
+
+        return Decoder
+    if name == "load_plan":
+        from .plan import load_plan
+
+        return load_plan
+    raise AttributeError(f"module 'edge_rt_exec' has no attribute {name!r}")

@@ -29,19 +29,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see `{self.prog} --help`")
 
 
-def _warm_runtime() -> None:
-    """Load the kernels (numba cache), start the thread pools and BLAS once, so the runtime baseline measured
-    next includes them and a plan's memory is measured on its own."""
-    import numpy as np
+def _warm_runtime(plan) -> None:  # noqa: ANN001
+    """Load the kernels this plan calls (numba's cache) and start the thread pool, so the runtime baseline
+    measured next includes them and the plan's own memory is measured apart."""
+    from .engine import start_threads, warm_plan
 
-    from . import kernels as K
-
-    x = np.ones((2, 64), np.float32)
-    w = np.ones((64, 64), np.float32)
-    out = np.empty((2, 64), np.float32)
-    K.linear(x, w, np.zeros(0, np.float32), out)
-    xb = np.ones((32, 64), np.float32)
-    np.matmul(xb, w.T, out=np.empty((32, 64), np.float32))
+    warm_plan(plan)
+    start_threads()
 
 
 def _session(args: argparse.Namespace):
@@ -51,15 +45,10 @@ def _session(args: argparse.Namespace):
 
     t0 = time.perf_counter()
     plan = load_plan(args.plan)
-    _warm_runtime()
-    if "onnx" in plan.model:
-        from .onnx_runtime import warm_plan
-
-        warm_plan(plan)  # the kernel specializations this plan runs, loaded before the baseline
-    if "tokenizer" in plan.files:
-        load_tokenizer(plan)  # same object size as the session's; loaded once before the baseline
+    _warm_runtime(plan)
+    tok = load_tokenizer(plan) if "tokenizer" in plan.files else None  # loaded once, before the baseline
     baseline = peak_rss()
-    s = Session(plan, threads=args.threads, validate=getattr(args, "validate", False))
+    s = Session(plan, threads=args.threads, validate=getattr(args, "validate", False), tokenizer=tok)
     return s, baseline, time.perf_counter() - t0
 
 
@@ -161,24 +150,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .plan import atomic_write, load_plan
 
     plan = load_plan(args.plan)
-    if "onnx" not in plan.model:
-        raise UserError(f"{plan.path}: infer runs plans compiled from an ONNX graph; use run or embed for "
-                        f"{plan.model.get('name')}")
     try:
         with np.load(args.inputs, allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{args.inputs}: cannot read the inputs ({e.__class__.__name__}: {e}); give an .npz written "
                         "by numpy.savez with one array per graph input, named like the input") from None
-    _warm_runtime()
-    from .onnx_runtime import warm_plan
-
-    warm_plan(plan)
+    _warm_runtime(plan)
     baseline = peak_rss()
     eng = Engine(plan, threads=args.threads)
     try:
         t0 = time.perf_counter()
-        out = eng.infer(feeds)
+        eng.run(feeds)
+        out = {o["name"]: eng.output(o["name"]).copy() for o in plan.graph["outputs"]}
         dt = time.perf_counter() - t0
     finally:
         eng.close()
@@ -198,8 +182,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import describe
     from .plan import load_plan
+    from .plan_info import describe
 
     plan = load_plan(args.plan)
     info = describe(plan, verify=args.verify)
@@ -211,7 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect_status, format_status, recommend
+    from .status import collect_status
+    from .status_report import format_status, recommend
 
     st = collect_status()
     size = None
@@ -260,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("plan", help="plan file or artifact folder")
         p.add_argument("--threads", type=_threads, default=None,
                        help="numba threads: a number, or 'auto' for the cores idle right now (default: the plan's "
-                       "target preset)")
+                       "target preset, at most the cores this process may use)")
 
     r = sub.add_parser("run", help="generate text with a decoder plan")
     common(r)

@@ -1,27 +1,40 @@
-"""The engine: replays a plan's schedule on one arena with numba kernels.
+"""The engine: binds a plan's schedule (plan schema 2) to the op registry's kernels and replays it on one arena.
 
-Every buffer lives at its plan offset in one `uint8` arena allocated once; nothing is allocated per token on
-the kernel path. Decoders keep a KV cache position; a prompt runs through each group before the next, so a
-prompt of up to `max_batch_tokens` reads each weight once. `validate=True` also runs every op's plain-numpy
-twin (`reference.py`) on the same inputs and records the worst difference per op type.
+Every buffer lives at its plan offset in one `uint8` arena allocated once. A run takes named graph inputs;
+their shapes decide every op's shapes (the registry's shape rules). For one set of input shapes the engine
+binds each op once (`OpDef.bind` resolves views, strides and kernels into a zero-argument call) and keeps
+the list of calls: a decode step is a loop over prepared calls with no per-op Python work left (STYLE #19).
+A new set of shapes (a longer prompt, an ONNX decoder's growing past) re-binds only the ops whose input
+shapes changed (each op keeps its calls by input shapes). When a shape-deciding value depends on the data of
+a graph input, the program is not kept and every run binds as it goes.
+
+Weights are views in their own format: mapped from the file (resident) or over an arena slot the streamer
+fills (streamed); tables read only by gathers stay in the file and their rows are read on demand.
+`validate=True` runs every op's numpy twin on a copy of its inputs and records the worst difference per op
+type; `profile=True` times every op. Both wrap the bound calls; the calls themselves do not branch.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import reference as ref
+from . import formats as F
+from . import ops
 from .errors import InternalError, UserError
-from .plan import Op, Plan, load_plan
+from .ops.registry import PAR_MIN, OpDef, ShapeError, Site, WarmSpec, numel, with_defaults
+from .plan import WEIGHT_REF, Op, Plan, load_plan
 from .weights import GroupStreamer, open_weights
 
-_EMPTY = np.zeros(0, np.float32)
+Shape = tuple[int, ...]
+#: Programs kept per engine (one per distinct set of input shapes: decode, a few prompt lengths).
+PROGRAMS_KEPT = 16
 
 
 @dataclass
@@ -29,6 +42,14 @@ class Timings:
     compute_s: float = 0.0
     steps: int = 0
     per_op: dict[str, float] = field(default_factory=dict)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def set_threads(n: int | None) -> int:
@@ -40,368 +61,459 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def default_threads(plan: Plan) -> int:
+    """The plan's preset, capped by the cores available to this process (a preset of 4 on a 2-core machine
+    would oversubscribe it). Two slots leave one core to the reader thread."""
+    cores = available_cores()
+    want = min(int(plan.target.get("threads") or cores), cores)
+    if len(plan.arena.get("slots", [])) >= 2 and cores > 1 and want >= cores:
+        # speculative_prefetch: compute and reads fighting over every core stall the kernels' parallel regions
+        # on the descheduled thread (benchmarks/bench_streaming.py)
+        want = cores - 1
+    return max(1, want)
+
+
+def _taint(plan: Plan) -> set[str]:
+    """Buffers whose contents depend on the data of a graph input (not only on shapes): a shape that depends
+    on one of these can change between runs of equal input shapes."""
+    tainted = {i["name"] for i in plan.graph["inputs"]}
+    for op in plan.schedule:
+        if op.op in ("Shape", "Size"):
+            continue
+        if any(t in tainted for t in op.buffer_inputs()):
+            tainted.update(o for o in op.outputs if o)
+    return tainted
+
+
+@dataclass
+class _Bound:
+    """One op of the schedule, resolved at load."""
+
+    op: Op
+    d: OpDef
+    attrs: dict[str, Any]
+    value_idx: tuple[int, ...]
+    tainted_values: bool  #: a value input depends on input data
+    memo: dict[Any, tuple[list, Callable]] = field(default_factory=dict)  #: (in shapes, values, slot) -> call
+
+
+@dataclass
+class _Program:
+    """The calls of one set of input shapes, per (group, slot), and the shapes every tensor had."""
+
+    shapes: dict[str, Shape]
+    calls: dict[tuple[int, int], list[Callable[[], Any]]] = field(default_factory=dict)
+
+
 class Engine:
-    """Load a plan, map its weights and run forward passes."""
+    """Load a plan, map its weights and run its graph."""
 
-    def __init__(self, plan: Plan | str | Path, threads: int | None = None, validate: bool = False,
+    def __init__(self, plan: Plan | str | os.PathLike, threads: int | None = None, validate: bool = False,
                  profile: bool = False) -> None:
-        from . import kernels as K  # compiles or loads the cached kernels
-
-        self.K = K
-        self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        p = self.plan
-        want = threads if threads is not None else p.target.get("threads")
-        cores = os.cpu_count() or 1
-        if threads is None and len(p.arena["slots"]) >= 2 and cores > 1 and (want or cores) >= cores:
-            # speculative_prefetch: leave a core to the reader thread, or compute and reads fight over every core
-            # and the kernels' parallel regions wait on a descheduled thread (benchmarks/bench_streaming.py)
-            want = cores - 1
-        self.threads = set_threads(want)
+        self.plan = p = plan if isinstance(plan, Plan) else load_plan(plan)
+        self.threads = set_threads(threads if threads is not None else default_threads(p))
         self.validate = validate
         self.profile = profile
         self.worst: dict[str, float] = {}
         self.timings = Timings()
+        self.where = str(p.path or p.model.get("name"))
+        self.ops = [self._resolve(op) for op in p.schedule]
         self.st = open_weights(p)
-        self.cfg = p.model["config"]
-        self.decoder = p.model["kind"] == "decoder"
         self.arena = np.empty(p.arena["size"], dtype=np.uint8)
-        self.buf: dict[str, np.ndarray] = {}
+        self.flat: dict[str, np.ndarray] = {}
         for b in p.buffers.values():
             raw = self.arena[b.offset:b.offset + b.nbytes]
-            self.buf[b.name] = raw.view(np.dtype(b.dtype)).reshape(b.shape) if b.kind != "slot" else raw
-        self.slots = [self.buf[f"slot.{i}"] for i in range(len(p.arena["slots"]))]
-        self.streamer = None
+            self.flat[b.name] = raw if b.kind == "slot" else raw.view(np.dtype(b.dtype))
+        self.slots = [self.flat[f"slot.{i}"] for i in range(len(p.arena["slots"]))]
+        self.const_shapes: dict[str, Shape] = {}
+        for name, c in p.graph.get("constants", {}).items():
+            a = np.asarray(c["data"], dtype=np.dtype(c["dtype"])).reshape(c["shape"])
+            dst = self.flat.get(name)
+            if dst is None or a.size > dst.size:
+                raise UserError(f"{self.where}: constant '{name}' does not fit its buffer; the plan is corrupt")
+            dst[:a.size] = a.reshape(-1)
+            self.const_shapes[name] = tuple(a.shape)
+        for name, b in p.buffers.items():
+            if b.kind == "state":
+                self.const_shapes[name] = tuple(b.shape)
+        self.streamer: GroupStreamer | None = None
         if p.weights_mode == "streamed":
             self.streamer = GroupStreamer(self.st, p.groups, self.slots, prefetch=len(self.slots) >= 2)
-        self.pos = 0
-        self._inv_freq: dict[int, np.ndarray] = {}
-        self._views = self._weight_views()
-        self._scratch_row = np.empty(self.cfg["hidden_size"], np.float32)
-        self.ops: dict[str, Callable[[Op, int, dict[str, np.ndarray]], None]] = {
-            "embed": self._embed, "layernorm": self._layernorm, "rmsnorm": self._rmsnorm, "linear": self._linear,
-            "lm_head": self._lm_head, "attention": self._attention, "attention_bidir": self._attention_bidir,
-            "add": self._add, "silu_mul": self._silu_mul, "gelu_tanh": self._gelu_tanh, "gelu_erf": self._gelu_erf,
-            "mean_pool_l2": self._mean_pool,
-        }
-        self.onnx = None
-        self.onnx_decoder = None
-        if "onnx" in p.model:  # a plan compiled from an ONNX graph: its ops run in onnx_runtime
-            from .onnx_runtime import OnnxRunner
+        self._weights = self._weight_views()
+        self._tainted = _taint(p)
+        for b in self.ops:
+            b.tainted_values = any(b.op.inputs[i] in self._tainted for i in b.value_idx if i < len(b.op.inputs))
+        self._programs: OrderedDict[Any, _Program] = OrderedDict()
+        self.shapes: dict[str, Shape] = dict(self.const_shapes)  #: every tensor's shape in the last run
 
-            self.onnx = OnnxRunner(self)
-            self.ops.update(self.onnx.table())
-            if p.model["onnx"].get("decoder"):
-                from .onnx_runtime import OnnxDecoder
-
-                self.onnx_decoder = OnnxDecoder(self.onnx, p.max_context)
-        unknown = sorted({op.op for op in p.schedule} - set(self.ops))
+    # ---- load ----------------------------------------------------------------------------------------------------
+    def _resolve(self, op: Op) -> _Bound:
+        try:
+            d = ops.get(op.op)
+        except KeyError:
+            raise UserError(f"{self.where}: op '{op.name}' has type {op.op!r}, which this executor does not run; "
+                            "upgrade edge-rt on the device") from None
+        unknown = sorted(set(op.attrs) - set(d.attrs))
         if unknown:
-            raise UserError(f"{p.path}: op types {unknown} are not supported by this executor; upgrade edge-rt "
-                            "on the device")
+            raise UserError(f"{self.where}: op '{op.name}' ({op.op}) has unknown attributes {unknown}; the plan is "
+                            "corrupt or from another edge-rt version")
+        missing = sorted(k for k in d.required if op.attrs.get(k) is None)
+        if missing:
+            raise UserError(f"{self.where}: op '{op.name}' ({op.op}) lacks attributes {missing}; the plan is corrupt")
+        return _Bound(op, d, with_defaults(d, op.attrs), d.value_inputs, False)
 
-    # ---- weights ---------------------------------------------------------------------------------------
-    def _tensor_view(self, base: np.ndarray | None, base_off: int, name: str, rows: list[int] | None,
-                     role: str) -> np.ndarray:
-        t = self.plan.tensors[name]
-        shape = list(t.shape)
-        off, nbytes = t.offset, t.nbytes
-        if rows is not None and role in ("weight", "bias"):
+    def _weight_view(self, name: str, base: np.ndarray | None, base_off: int, rows: list[int] | None) -> np.ndarray:
+        """A weight as its format's view (read-only), whole or rows r0..r1; over the file map (`base` None) or a
+        slot holding bytes from `base_off` of the file."""
+        w = self.plan.weights[name]
+        f = F.get(w.format)
+        shape = list(w.shape)
+        off, nbytes = w.offset, w.nbytes
+        if rows is not None:
             row = nbytes // shape[0]
             off, nbytes, shape[0] = off + rows[0] * row, (rows[1] - rows[0]) * row, rows[1] - rows[0]
         if base is None:
-            return self.st.file.view(off, nbytes, "<f4", tuple(shape), f"tensor '{name}'")
-        start = off - base_off
-        if start < 0 or start + nbytes > base.nbytes:
-            raise InternalError(f"tensor {name} [{off}, {off + nbytes}) is outside its group's slot")
-        return base[start:start + nbytes].view(np.float32).reshape(shape)
+            raw = self.st.file.view(off, nbytes, "u1", (nbytes,), f"weight '{name}'")
+        else:
+            start = off - base_off
+            if start < 0 or start + nbytes > base.nbytes:
+                raise InternalError(f"weight {name} [{off}, {off + nbytes}) is outside its group's slot")
+            raw = base[start:start + nbytes]
+        v = f.view(raw, shape)
+        v.flags.writeable = False
+        return v
 
-    def _weight_views(self) -> dict[tuple[int, int], dict[int, dict[str, np.ndarray]]]:
-        """(group, slot) -> op index -> role -> view. Slot memory is fixed, so views are made once."""
+    def _weight_views(self) -> dict[tuple[int, int], dict[int, dict[int, np.ndarray]]]:
+        """(group, slot) -> op index -> input position -> view. Slot memory is fixed, so views are made once;
+        tables of a streamed plan that only gathers read are left out (their rows are read on demand)."""
         p = self.plan
-        views: dict[tuple[int, int], dict[int, dict[str, np.ndarray]]] = {}
+        views: dict[tuple[int, int], dict[int, dict[int, np.ndarray]]] = {}
         for g in p.groups:
             targets = [(-1, None)] if g.slot is None else list(enumerate(self.slots))
             for s, base in targets:
-                per_op: dict[int, dict[str, np.ndarray]] = {}
-                for op in p.schedule[g.op_start:g.op_end]:
-                    gather = set(op.attrs.get("gather", ()))
-                    per_op[op.index] = {
-                        role: self._tensor_view(None if role in gather else base, g.byte_start, w,
-                                                op.attrs.get("rows"), role)
-                        for role, w in op.weights.items()
-                        if not (role in gather and p.weights_mode == "streamed")
+                per_op: dict[int, dict[int, np.ndarray]] = {}
+                for b in self.ops[g.op_start:g.op_end]:
+                    tiled = set(b.d.row_tiled) if b.attrs.get("rows") else set()
+                    per_op[b.op.index] = {
+                        i: self._weight_view(w, None if p.weights[w].gather else base, g.byte_start,
+                                             b.attrs["rows"] if i in tiled else None)
+                        for i, w in b.op.weight_inputs()
+                        if not (p.weights[w].gather and p.weights_mode == "streamed")
                     }
                 views[(g.index, s)] = per_op
         return views
 
-    # ---- running ---------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the KV cache (a new conversation)."""
-        self.pos = 0
-        if self.onnx_decoder is not None:
-            self.onnx_decoder.reset()
+    # ---- running -------------------------------------------------------------------------------------------------
+    def reset_programs(self) -> None:
+        self._programs.clear()
 
-    def _run(self, n: int) -> None:
-        p = self.plan
-        try:
-            for g in p.groups:
-                s = self.streamer.acquire(g) if (self.streamer and g.slot is not None) else -1
-                views = self._views[(g.index, s)]
-                t0 = time.perf_counter()
-                for op in p.schedule[g.op_start:g.op_end]:
-                    if self.profile:
-                        t1 = time.perf_counter()
-                        self.ops[op.op](op, n, views[op.index])
-                        self.timings.per_op[op.op] = self.timings.per_op.get(op.op, 0.0) + time.perf_counter() - t1
-                    else:
-                        self.ops[op.op](op, n, views[op.index])
-                self.timings.compute_s += time.perf_counter() - t0
-                if self.streamer and g.slot is not None:
-                    self.streamer.release(g)
-        except BaseException:
-            if self.streamer is not None:  # the cyclic read order is broken: start the reader afresh
-                self.streamer.close()
-                self.streamer = GroupStreamer(self.st, p.groups, self.slots, prefetch=len(self.slots) >= 2)
-            raise
+    def run(self, feeds: dict[str, Any], in_place: dict[str, Shape] | None = None) -> None:
+        """Run the graph on named inputs (`in_place`: inputs already in their buffers, by shape: a decoder's
+        past keys and values). Outputs are read with `output(name)` until the next run."""
+        shapes = self.bind_inputs(feeds, in_place or {})
+        key = tuple(shapes[i["name"]] for i in self.plan.graph["inputs"])
+        prog = self._programs.get(key)
+        cacheable = True
+        if prog is None:
+            prog = _Program(shapes)
+            cacheable = not any(b.tainted_values for b in self.ops)
+        else:
+            self._programs.move_to_end(key)
+        self._execute(prog)
+        self.shapes = prog.shapes
+        if cacheable and key not in self._programs:
+            self._programs[key] = prog
+            while len(self._programs) > PROGRAMS_KEPT:
+                self._programs.popitem(last=False)
         self.timings.steps += 1
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Decoder: feed `ids` (at most max_batch_tokens) at the current position; return the last row's
-        logits (a view into the arena, valid until the next step)."""
-        if self.onnx_decoder is not None:
-            return self.onnx_decoder.step(ids)
-        n = len(ids)
-        if n == 0:
-            raise UserError("empty input: nothing to run")
-        if n > self.plan.max_batch_tokens:
-            raise InternalError(f"step of {n} rows exceeds max_batch_tokens {self.plan.max_batch_tokens}")
-        if self.pos + n > self.plan.max_context:
-            raise UserError(f"context full: {self.pos + n} tokens exceed the plan's max_context "
-                            f"{self.plan.max_context}; shorten the prompt or --max-tokens, or recompile with a "
-                            "larger max_context=")
-        vocab = self.cfg["vocab_size"]
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise UserError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}")
-        self.buf["ids"][:n] = ids
-        self.buf["positions"][:n] = np.arange(self.pos, self.pos + n)
-        self._run(n)
-        self.pos += n
-        return self.buf["logits"][0]
+    def _execute(self, prog: _Program) -> None:
+        p = self.plan
+        i = -1
+        try:
+            for g in p.groups:
+                s = self.streamer.acquire(g) if (self.streamer is not None and g.slot is not None) else -1
+                calls = prog.calls.get((g.index, s))
+                t0 = time.perf_counter()
+                if calls is None:  # first run of these shapes in this slot: bind each op, then run it
+                    calls = []
+                    for i in range(g.op_start, g.op_end):
+                        c = self._bind(self.ops[i], prog.shapes, g.index, s)
+                        c()
+                        calls.append(c)
+                    prog.calls[(g.index, s)] = calls
+                else:
+                    for i, c in enumerate(calls, g.op_start):  # noqa: B007 (i names the op if one raises)
+                        c()
+                self.timings.compute_s += time.perf_counter() - t0
+                if self.streamer is not None and g.slot is not None:
+                    self.streamer.release(g)
+        except (IndexError, ValueError, ShapeError) as e:
+            self._restart_streamer()
+            op = p.schedule[i] if 0 <= i < len(p.schedule) else None
+            what = f"op '{op.name}' ({op.op})" if op is not None else "the graph"
+            raise UserError(f"{self.where}: {what}: {e}; check the input values and shapes") from None
+        except BaseException:
+            self._restart_streamer()
+            raise
 
-    def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Run a prompt in chunks of max_batch_tokens; return the last logits."""
-        if self.onnx_decoder is not None:
-            return self.onnx_decoder.prefill(ids)
-        ids = np.asarray(ids, dtype=np.int64)
-        if self.pos + len(ids) > self.plan.max_context:
-            raise UserError(f"prompt of {len(ids)} tokens does not fit the plan's max_context "
-                            f"{self.plan.max_context} (position {self.pos}); shorten it or recompile with a larger "
-                            "max_context=")
-        logits = None
-        step = self.plan.max_batch_tokens
-        for i in range(0, len(ids), step):
-            logits = self.step(ids[i:i + step])
-        assert logits is not None
-        return logits
+    def _restart_streamer(self) -> None:
+        if self.streamer is not None:  # the cyclic read order is broken: start the reader afresh
+            self.streamer.close()
+            self.streamer = GroupStreamer(self.st, self.plan.groups, self.slots, prefetch=len(self.slots) >= 2)
 
-    def encode_batch(self, ids: np.ndarray, mask: np.ndarray, type_ids: np.ndarray | None = None) -> np.ndarray:
-        """Encoder: `ids`/`mask` int64 [B, S] -> embeddings [B, d] (a copy)."""
-        B, S = ids.shape
-        n = B * S
-        if n > self.plan.max_batch_tokens:
-            raise InternalError(f"batch of {n} tokens exceeds max_batch_tokens {self.plan.max_batch_tokens}")
-        if S > self.plan.max_context:
-            raise UserError(f"sequence of {S} tokens exceeds the plan's max_context {self.plan.max_context}")
-        self.buf["ids"][:n] = ids.reshape(-1)
-        self.buf["positions"][:n] = np.tile(np.arange(S), B)
-        self.buf["type_ids"][:n] = 0 if type_ids is None else type_ids.reshape(-1)
-        self.buf["mask"].reshape(-1)[:n] = mask.reshape(-1)
-        self._bs = (B, S)
-        self._run(n)
-        return self.buf["embeddings"][:B].copy()
+    def _bind(self, b: _Bound, shapes: dict[str, Shape], group: int, slot: int) -> Callable[[], Any]:
+        """The bound call of one op at the shapes its inputs have now (memoised per input shapes and slot)."""
+        op = b.op
+        wviews = self._weights[(group, slot)][op.index]
+        in_shapes: list[Shape | None] = []
+        for i, t in enumerate(op.inputs):
+            if not t:
+                in_shapes.append(None)
+            elif t.startswith(WEIGHT_REF):
+                w = self.plan.weights[t[1:]]
+                shape = list(w.shape)
+                if b.attrs.get("rows") and i in b.d.row_tiled:
+                    shape[0] = b.attrs["rows"][1] - b.attrs["rows"][0]
+                in_shapes.append(tuple(shape))
+            else:
+                sh = shapes.get(t)
+                if sh is None:
+                    raise InternalError(f"op {op.name}: input {t} is read before any op wrote it")
+                in_shapes.append(sh)
+        values = {i: self._view(op.inputs[i], in_shapes[i]).copy() for i in b.value_idx
+                  if i < len(op.inputs) and op.inputs[i] and not op.inputs[i].startswith(WEIGHT_REF)}
+        key = (tuple(in_shapes), tuple((i, v.tobytes()) for i, v in sorted(values.items())), slot)
+        hit = b.memo.get(key)
+        if hit is not None:
+            outs_shapes, call = hit
+            shapes.update((o, sh) for o, sh in zip(op.outputs, outs_shapes) if o)
+            return call
+        dtypes = [None if not t else (F.get(self.plan.weights[t[1:]].format).view_dtype if t.startswith(WEIGHT_REF)
+                                      else self.plan.buffers[t].dtype) for t in op.inputs]
+        try:
+            specs = b.d.shape(in_shapes, dtypes, values, b.attrs, len(op.outputs))
+        except ShapeError as e:
+            raise UserError(f"{self.where}: op '{op.name}' ({op.op}): {e}; the inputs do not fit this graph") \
+                from None
+        outs: list[np.ndarray | None] = []
+        for o, (sh, dt) in zip(op.outputs, specs):
+            if not o:
+                outs.append(None)
+                continue
+            if np.dtype(dt) != self.flat[o].dtype:
+                raise InternalError(f"op {op.name}: output {o} infers to {dt} but its buffer is "
+                                    f"{self.flat[o].dtype}")
+            outs.append(self._view(o, sh, op))
+        ins: list[np.ndarray | None] = []
+        formats: list[str | None] = []
+        streamed: dict[int, Any] = {}
+        for i, t in enumerate(op.inputs):
+            if not t:
+                ins.append(None)
+                formats.append(None)
+            elif t.startswith(WEIGHT_REF):
+                w = self.plan.weights[t[1:]]
+                formats.append(w.format)
+                v = wviews.get(i)
+                if v is None:  # a table of a streamed plan: rows are read from the file
+                    streamed[i] = self._row_reader(t[1:])
+                ins.append(v)
+            else:
+                formats.append(None)
+                ins.append(self._view(t, in_shapes[i], op))
+        scratch = [self.flat[s] for s in op.scratch]
+        site = Site(op.name, ins, outs, b.attrs, formats, in_shapes, values, scratch, streamed)
+        try:
+            call = b.d.bind(site)
+        except ShapeError as e:
+            raise UserError(f"{self.where}: op '{op.name}' ({op.op}): {e}; the inputs do not fit this graph") \
+                from None
+        if self.validate:
+            call = self._validated(call, b, site)
+        if self.profile:
+            call = self._timed(call, op.op)
+        out_shapes = [sh for sh, _ in specs]
+        shapes.update((o, sh) for o, sh in zip(op.outputs, out_shapes) if o)
+        b.memo[key] = (out_shapes, call)
+        return call
 
-    def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """ONNX plans: feed named graph inputs, return every graph output (or the named ones) by name (copies)."""
-        if self.onnx is None:
-            raise UserError(f"{self.plan.path}: infer needs a plan compiled from an ONNX graph; use run or embed")
-        return self.onnx.run(feeds, outputs)
+    def _view(self, name: str, shape: Shape, op: Op | None = None) -> np.ndarray:
+        buf = self.flat[name]
+        n = numel(shape)
+        if n > buf.size:
+            who = f"op '{op.name}' needs" if op is not None else "needs"
+            raise UserError(f"{self.where}: {who} {n} elements for '{name}' {list(shape)} at these input sizes but "
+                            f"the plan holds {buf.size}; use smaller inputs or recompile with larger max_context= / "
+                            "max_batch_tokens=")
+        return buf[:n].reshape(shape)
+
+    def _row_reader(self, name: str) -> Callable[[int, np.ndarray], None]:
+        w = self.plan.weights[name]
+        row = w.nbytes // w.shape[0]
+        file, off = self.st.file, w.offset
+
+        def read(r: int, buf: np.ndarray) -> None:
+            file.read_into(off + r * row, buf, f"row {r} of weight '{name}'")
+        return read
+
+    def output(self, name: str) -> np.ndarray:
+        """A graph tensor after the last run, with the shape it had (a view into the arena)."""
+        sh = self.shapes.get(name)
+        if sh is None:
+            raise UserError(f"{self.where}: no tensor '{name}' was computed; outputs: "
+                            f"{[o['name'] for o in self.plan.graph['outputs']]}")
+        return self._view(name, sh)
+
+    def bind_inputs(self, feeds: dict[str, Any], in_place: dict[str, Shape]) -> dict[str, Shape]:
+        """Check the feeds against the graph inputs (dtype, rank, fixed dims, symbols consistent and within the
+        plan's bounds), write them into their buffers, and return the shapes of inputs and constants."""
+        spec = self.plan.graph["inputs"]
+        names = [i["name"] for i in spec]
+        extra = sorted(set(feeds) - set(names))
+        if extra:
+            raise UserError(f"unknown input(s) {extra}; the graph takes {names}")
+        env: dict[str, int] = {}
+        shapes = dict(self.const_shapes)
+        bounds = self.plan.graph.get("bounds", {})
+        for s in spec:
+            name = s["name"]
+            if name in in_place:
+                shape = tuple(in_place[name])
+                self._check_dims(name, s["dims"], shape, env, bounds)
+                shapes[name] = shape
+                continue
+            if name not in feeds:
+                raise UserError(f"input '{name}' is missing; the graph takes {names}")
+            a = np.asarray(feeds[name])
+            want = np.dtype(s["dtype"])
+            if a.dtype != want:
+                if not (np.can_cast(a.dtype, want, "same_kind") or (a.dtype.kind in "iub" and want.kind in "iu")):
+                    raise UserError(f"input '{name}' is {a.dtype} but the graph takes {want}")
+                a = a.astype(want)
+            self._check_dims(name, s["dims"], a.shape, env, bounds)
+            dst = self.flat[name]
+            if a.size > dst.size:
+                raise UserError(f"input '{name}' {list(a.shape)} does not fit the plan's buffer ({dst.size} "
+                                "elements)")
+            dst[:a.size] = a.reshape(-1)
+            shapes[name] = tuple(a.shape)
+        return shapes
+
+    @staticmethod
+    def _check_dims(name: str, dims: list[Any], shape: Shape, env: dict[str, int], bounds: dict[str, int]) -> None:
+        if len(shape) != len(dims):
+            raise UserError(f"input '{name}' has shape {list(shape)} but the graph takes rank {len(dims)} {dims}")
+        for ax, (d, v) in enumerate(zip(dims, shape)):
+            if isinstance(d, int):
+                if v != d:
+                    raise UserError(f"input '{name}' dim {ax} is {v} but the graph fixes it at {d}")
+                continue
+            if d in env and env[d] != v:
+                raise UserError(f"input '{name}' dim {ax} ('{d}') is {v} but another input binds '{d}' to {env[d]}")
+            env[d] = int(v)
+            bound = bounds.get(d)
+            if bound is not None and v > bound:
+                raise UserError(f"input '{name}' dim {ax} ('{d}') is {v}, above the plan's maximum {bound}; use "
+                                "smaller inputs or recompile with larger max_context= / max_batch_tokens=")
 
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
 
-    # ---- ops -------------------------------------------------------------------------------------------
-    def _in(self, op: Op, i: int, n: int) -> np.ndarray:
-        return self.buf[op.inputs[i]][:n]
+    # ---- validate and profile (wrappers of bound calls) ----------------------------------------------------------
+    def _validated(self, call: Callable[[], Any], b: _Bound, site: Site) -> Callable[[], Any]:
+        op = b.op
 
-    def _out(self, op: Op, n: int, i: int = 0) -> np.ndarray:
-        return self.buf[op.outputs[i]][:n]
+        def snapshot() -> list[np.ndarray | None]:
+            out = []
+            for i, x in enumerate(site.ins):
+                fmt = site.formats[i]
+                if x is None and i in site.streamed:  # a streamed table: map it for the check
+                    w = self.plan.weights[op.inputs[i][1:]]
+                    x = F.get(w.format).view(self.st.file.view(w.offset, w.nbytes, "u1", (w.nbytes,), "table"),
+                                             w.shape)
+                if x is not None and fmt is not None:
+                    x = F.get(fmt).dequantize(x, site.shapes[i])
+                out.append(None if x is None else np.array(x, copy=True))
+            return out
 
-    def _check(self, op: Op, got: np.ndarray, want: np.ndarray) -> None:
-        err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
-        self.worst[op.op] = max(self.worst.get(op.op, 0.0), err)
-
-    def _embed(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        K, out = self.K, self._out(op, n)
-        ids = self.buf["ids"][:n]
-        extra = [("pos", self.buf["positions"][:n])]
-        if "type" in op.weights:
-            extra.append(("type", self.buf["type_ids"][:n]))
-        if self.plan.weights_mode == "streamed":
-            # Gather rows straight from the file: the table itself is never loaded.
-            for role, idx in [("tok", ids)] + extra:
-                if role not in op.weights:
+        def validated() -> None:
+            ins = snapshot()
+            call()
+            want = ops.run_twin(op.op, ins, op.attrs, len(op.outputs))
+            for got, exp in zip(site.outs, want):
+                if got is None or got.size == 0:
                     continue
-                t = self.plan.tensors[op.weights[role]]
-                row = t.nbytes // t.shape[0]
-                for r in range(n):
-                    i = int(idx[r])
-                    if not 0 <= i < t.shape[0]:
-                        raise UserError(f"index {i} is outside embedding '{op.weights[role]}' ({t.shape[0]} rows)")
-                    if role == "tok":
-                        self.st.file.read_into(t.offset + i * row, out[r], "embedding row")
-                    else:
-                        self.st.file.read_into(t.offset + i * row, self._scratch_row, "embedding row")
-                        out[r] += self._scratch_row
-            if self.validate:  # debug mode: map the tables to check the row reads
-                w = {role: self._tensor_view(None, 0, name, None, role) for role, name in op.weights.items()}
+                g, x = got, exp
+                rows = b.attrs.get("rows")
+                if rows is not None and b.d.row_tiled and g.shape != x.shape:
+                    g = got[..., rows[0]:rows[1]]
+                if g.dtype.kind == "f":
+                    with np.errstate(all="ignore"):
+                        g64, x64 = g.astype(np.float64), np.asarray(x, np.float64)
+                        same = (g64 == x64) | (np.isnan(g64) & np.isnan(x64))
+                        d = np.where(same, 0.0, np.abs(g64 - x64))
+                        d = np.where(np.isnan(d), np.inf, d) / np.maximum(1.0, np.abs(np.nan_to_num(x64)))
+                    err = float(d.max())
+                else:
+                    err = float(np.count_nonzero(g != x))
+                self.worst[op.op] = max(self.worst.get(op.op, 0.0), err)
+        return validated
+
+    def _timed(self, call: Callable[[], Any], kind: str) -> Callable[[], Any]:
+        per_op = self.timings.per_op
+
+        def timed() -> None:
+            t0 = time.perf_counter()
+            call()
+            per_op[kind] = per_op.get(kind, 0.0) + time.perf_counter() - t0
+        return timed
+
+
+def start_threads() -> None:
+    """Start numba's thread pool (its threads and their stacks belong to the runtime, not to a plan)."""
+    from .ops.elementwise import unary_par
+
+    x = np.zeros(1, np.float32)
+    unary_par.load()(x, x, 0, 0.0, 0.0)
+
+
+def warm_plan(plan: Plan) -> None:
+    """Load, from numba's on-disk cache (compiling on a first run), every kernel specialization `plan` calls and
+    nothing else. The CLIs call it before measuring the runtime baseline, so kernel code counts as runtime."""
+    seen: set[Any] = set()
+    for op in plan.schedule:
+        d = ops.get(op.op)
+        attrs = with_defaults(d, op.attrs)
+        in_dtypes: list[str | None] = []
+        readonly: list[bool] = []
+        formats: list[str | None] = []
+        sizes = []
+        for t in op.inputs:
+            if not t:
+                in_dtypes.append(None)
+                readonly.append(False)
+                formats.append(None)
+            elif t.startswith(WEIGHT_REF):
+                w = plan.weights[t[1:]]
+                in_dtypes.append(F.get(w.format).view_dtype)
+                readonly.append(True)
+                formats.append(w.format)
+                sizes.append(numel(w.shape))
             else:
-                return
-        else:
-            K.embedding_gather(ids, w["tok"], out)
-            for role, idx in extra:
-                if role in w:
-                    K.embedding_add(idx, w[role], out)
-        if self.validate:
-            want = ref.embedding_gather(ids, w["tok"])
-            for role, idx in extra:
-                if role in w:
-                    want = ref.embedding_add(idx, w[role], want)
-            self._check(op, out, want)
-
-    def _layernorm(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        x, out = self._in(op, 0, n), self._out(op, n)
-        want = ref.layernorm(x, w["weight"], w["bias"], op.attrs["eps"]) if self.validate else None
-        self.K.layernorm(x, w["weight"], w["bias"], op.attrs["eps"], out)
-        if want is not None:
-            self._check(op, out, want)
-
-    def _rmsnorm(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        x, out = self._in(op, 0, n), self._out(op, n)
-        want = ref.rmsnorm(x, w["weight"], op.attrs["eps"]) if self.validate else None
-        self.K.rmsnorm(x, w["weight"], op.attrs["eps"], out)
-        if want is not None:
-            self._check(op, out, want)
-
-    def _linear(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        x = self._in(op, 0, n)
-        out_full = self.buf[op.outputs[0]][:n]
-        bias = w.get("bias", _EMPTY)
-        rows = op.attrs.get("rows")
-        if rows is not None and (rows[0] != 0 or rows[1] != out_full.shape[1]):
-            self.K.linear_rows(x, w["weight"], bias, out_full, rows[0])  # a row tile writes its columns
-            out = out_full[:, rows[0]:rows[1]]
-        else:
-            self.K.linear(x, w["weight"], bias, out_full)
-            out = out_full
-        if self.validate:
-            self._check(op, out, ref.linear(x, w["weight"], bias if bias.size else None))
-
-    def _lm_head(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        x = self._in(op, 0, n)[n - 1:n]  # only the last row's logits are needed
-        logits = self.buf[op.outputs[0]]
-        r0, r1 = op.attrs["rows"]
-        if r0 == 0 and r1 == logits.shape[1]:
-            self.K.linear(x, w["weight"], _EMPTY, logits)
-        else:
-            self.K.linear_rows(x, w["weight"], _EMPTY, logits, r0)
-        if self.validate:
-            self._check(op, logits[:, r0:r1], ref.linear(x, w["weight"]))
-
-    def _rope(self, op: Op) -> np.ndarray | None:
-        rope = op.attrs.get("rope")
-        if not rope:
-            return None
-        f = self._inv_freq.get(op.index)
-        if f is None:
-            f = ref.rope_inv_freq(op.attrs["head_dim"], rope["theta"], rope.get("scaling"))
-            self._inv_freq[op.index] = f
-        return f
-
-    def _attention(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        a = op.attrs
-        q, k, v = (self._in(op, i, n) for i in range(3))
-        kc, vc = self.buf[op.inputs[3]], self.buf[op.inputs[4]]
-        out = self._out(op, n)
-        pos = self.buf[op.inputs[5]][:n]
-        inv = self._rope(op)
-        want = None
-        if self.validate:
-            qr = ref.rope(q, pos, inv, a["n_heads"], a["head_dim"]) if inv is not None else q.copy()
-            kr = ref.rope(k, pos, inv, a["n_kv_heads"], a["head_dim"]) if inv is not None else k.copy()
-            kc2, vc2 = ref.kv_write(kr, v, kc, vc, self.pos)
-            want = ref.attention_causal(qr, kc2, vc2, self.pos, a["n_heads"], a["n_kv_heads"], a["head_dim"],
-                                        a["scale"])
-        if inv is not None:
-            self.K.rope_inplace(q, pos, inv, a["n_heads"], a["head_dim"])
-            self.K.rope_inplace(k, pos, inv, a["n_kv_heads"], a["head_dim"])
-        self.K.kv_write(k, v, kc, vc, self.pos)
-        scratch = self.buf[a["scratch"][0]]
-        self.K.attention_causal(q, kc, vc, self.pos, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"],
-                                scratch, out)
-        if want is not None:
-            self._check(op, out, want)
-
-    def _attention_bidir(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        a = op.attrs
-        B, S = self._bs
-        q, k, v = (self._in(op, i, n) for i in range(3))
-        mask = self.buf["mask"].reshape(-1)[:n].reshape(B, S)
-        out = self._out(op, n)
-        scratch = self.buf[a["scratch"][0]].reshape(-1)[:B * a["n_heads"] * S].reshape(B * a["n_heads"], S)
-        self.K.attention_bidir(q, k, v, mask, B, S, a["n_heads"], a["head_dim"], a["scale"], scratch, out)
-        if self.validate:
-            self._check(op, out, ref.attention_bidir(q, k, v, mask, B, S, a["n_heads"], a["head_dim"], a["scale"]))
-
-    def _binary(self, op: Op, n: int, kern: Callable, refn: Callable) -> None:
-        a, b, out = self._in(op, 0, n), self._in(op, 1, n), self._out(op, n)
-        want = refn(a, b) if self.validate else None
-        kern(a, b, out)
-        if want is not None:
-            self._check(op, out, want)
-
-    def _add(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        self._binary(op, n, self.K.add, ref.add)
-
-    def _silu_mul(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        self._binary(op, n, self.K.silu_mul, ref.silu_mul)
-
-    def _unary(self, op: Op, n: int, kern: Callable, refn: Callable) -> None:
-        x, out = self._in(op, 0, n), self._out(op, n)
-        want = refn(x) if self.validate else None
-        kern(x, out)
-        if want is not None:
-            self._check(op, out, want)
-
-    def _gelu_tanh(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        self._unary(op, n, self.K.gelu_tanh, ref.gelu_tanh)
-
-    def _gelu_erf(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        self._unary(op, n, self.K.gelu_erf, ref.gelu_erf)
-
-    def _mean_pool(self, op: Op, n: int, w: dict[str, np.ndarray]) -> None:
-        B, S = self._bs
-        x = self._in(op, 0, n)
-        mask = self.buf["mask"].reshape(-1)[:n].reshape(B, S)
-        out = self.buf[op.outputs[0]][:B]
-        self.K.mean_pool_l2(x, mask, B, S, out)
-        if self.validate:
-            self._check(op, out, ref.mean_pool_l2(x, mask, B, S))
-
-
-def describe_worst(worst: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2e}" for k, v in sorted(worst.items()))
-
-
+                in_dtypes.append(plan.buffers[t].dtype)
+                readonly.append(False)
+                formats.append(None)
+                b = plan.buffers[t]
+                sizes.append(b.nbytes // max(1, np.dtype(b.dtype).itemsize))
+        out_dtypes = [plan.buffers[o].dtype if o else None for o in op.outputs]
+        sizes += [plan.buffers[o].nbytes // max(1, np.dtype(plan.buffers[o].dtype).itemsize) for o in op.outputs if o]
+        big = max(sizes, default=0) >= PAR_MIN
+        key = (op.op, tuple(in_dtypes), tuple(readonly), tuple(formats), tuple(out_dtypes), big,
+               tuple(sorted((k, repr(v)) for k, v in attrs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        d.warm(WarmSpec(in_dtypes, out_dtypes, readonly, formats, attrs, big))

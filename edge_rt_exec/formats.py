@@ -35,12 +35,14 @@ class WeightFormat:
     block_bytes: ClassVar[int]  #: bytes per block
     ggml_type: ClassVar[str | None]  #: the GGML type whose bytes these are, bit for bit
     safetensors_dtype: ClassVar[str]  #: how the weights file's header declares the bytes
+    view_dtype: ClassVar[str]  #: the dtype of the array `view` gives the kernels
     quantized: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str, block: int, block_bytes: int, ggml_type: str | None,
                           safetensors_dtype: str, quantized: bool = False, register: bool = True) -> None:
         cls.name, cls.block, cls.block_bytes, cls.ggml_type = name, block, block_bytes, ggml_type
         cls.safetensors_dtype, cls.quantized = safetensors_dtype, quantized
+        cls.view_dtype = "uint8" if quantized else {"F32": "float32", "F16": "uint16"}[safetensors_dtype]
         if register:
             assert name not in FORMATS, f"weight format {name} registered twice"
             FORMATS[name] = cls

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .decoder import Decoder
 from .engine import Engine
 from .errors import UserError
 from .memory import MB, peak_rss
@@ -58,13 +59,18 @@ class GenerationResult:
 class Session:
     """A loaded plan with its tokenizer: `generate()` for decoders, `embed()` for encoders."""
 
-    def __init__(self, plan: Plan | str, threads: int | None = None, validate: bool = False) -> None:
+    def __init__(self, plan: Plan | str, threads: int | None = None, validate: bool = False,
+                 tokenizer: Any = None, profile: bool = False) -> None:
         from .plan import load_plan
 
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        self.tokenizer = load_tokenizer(self.plan) if "tokenizer" in self.plan.files else None
+        if tokenizer is None and "tokenizer" in self.plan.files:
+            tokenizer = load_tokenizer(self.plan)
+        self.tokenizer = tokenizer
         self.gen = load_generation(self.plan)
-        self.engine = Engine(self.plan, threads=threads, validate=validate)
+        self.engine = Engine(self.plan, threads=threads, validate=validate, profile=profile)
+        self.decoder = Decoder(self.engine) if self.plan.model["kind"] != "encoder" and \
+            "logits" in self.plan.graph.get("io", {}) else None
 
     def close(self) -> None:
         self.engine.close()
@@ -89,11 +95,11 @@ class Session:
                  top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
                  stop_at_eos: bool = True) -> GenerationResult:
         kind = self.plan.model["kind"]
-        if kind == "graph" and not self.engine.onnx_decoder:
-            raise UserError(f"{self.plan.model['name']} is an ONNX graph without token inputs and logits; run it "
-                            "with `edge-rt-exec infer PLAN --inputs in.npz --out out.npz`")
         if kind == "encoder":
             raise UserError(f"{self.plan.model['name']} is an encoder; use `edge-rt-exec embed`")
+        if self.decoder is None:
+            raise UserError(f"{self.plan.model['name']} is an ONNX graph without token inputs and logits; run it "
+                            "with `edge-rt-exec infer PLAN --inputs in.npz --out out.npz`")
         if not prompt_ids:
             raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
         n_prompt = len(prompt_ids)
@@ -102,12 +108,12 @@ class Session:
                 raise UserError(f"prompt of {n_prompt} tokens does not fit the plan's max_context "
                                 f"{self.plan.max_context}; shorten it or recompile with a larger max_context=")
             max_tokens = self.plan.max_context - n_prompt
-        eng = self.engine
-        eng.reset()
+        eng, dec = self.engine, self.decoder
+        dec.reset()
         rng = np.random.default_rng(seed)
         eos = set(self.gen.get("eos_token_ids") or [])
         t0 = time.perf_counter()
-        logits = eng.prefill(prompt_ids)
+        logits = dec.prefill(prompt_ids)
         tok = sample(logits, temperature, top_k, top_p, rng)
         t1 = time.perf_counter()
         first_wall = time.time()
@@ -126,7 +132,7 @@ class Session:
                     printed = text
             if len(out) >= max_tokens:
                 break
-            logits = eng.step(np.array([tok], dtype=np.int64))
+            logits = dec.step(np.array([tok], dtype=np.int64))
             tok = sample(logits, temperature, top_k, top_p, rng)
         t2 = time.perf_counter()
         text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -184,9 +190,26 @@ class Session:
                 ids[r, :len(e.ids)] = e.ids
                 mask[r, :len(e.ids)] = e.attention_mask
                 types[r, :len(e.ids)] = e.type_ids
-            out[idx] = self.engine.encode_batch(ids, mask, types)
+            out[idx] = self.encode_batch(ids, mask, types)
             i = j
         return out
+
+
+    def encode_batch(self, ids: np.ndarray, mask: np.ndarray, type_ids: np.ndarray | None = None) -> np.ndarray:
+        """Encoder: `ids`/`mask` int64 [B, S] -> embeddings [B, d] (a copy)."""
+        B, S = ids.shape
+        if B * S > self.plan.max_batch_tokens:
+            raise UserError(f"batch of {B * S} tokens exceeds the plan's max_batch_tokens {self.plan.max_batch_tokens}")
+        if S > self.plan.max_context:
+            raise UserError(f"sequence of {S} tokens exceeds the plan's max_context {self.plan.max_context}")
+        io = self.plan.graph["io"]
+        feeds = {io["ids"]: ids.reshape(-1), io["mask"]: mask}
+        if "positions" in io:
+            feeds[io["positions"]] = np.tile(np.arange(S, dtype=np.int64), B)
+        if "type_ids" in io:
+            feeds[io["type_ids"]] = (np.zeros(B * S, np.int64) if type_ids is None else type_ids.reshape(-1))
+        self.engine.run(feeds)
+        return self.engine.output(io["embeddings"]).copy()
 
 
 def memory_report(baseline: int) -> dict[str, float]:

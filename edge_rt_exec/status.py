@@ -15,8 +15,8 @@ Where each value comes from:
   ``psutil.sensors_temperatures()`` and ``vcgencmd get_throttled`` (the latter also only when
   ``run_vcgencmd`` is true).
 
-`recommend()` turns a status dict into a strategy name and a safe memory budget; `format_status()`
-renders both as an aligned text report.
+`status_report.recommend()` turns a status dict into a strategy name and a safe memory budget;
+`status_report.format_status()` renders both as an aligned text report.
 """
 
 from __future__ import annotations
@@ -32,17 +32,8 @@ from typing import Any
 
 import psutil
 
-__all__ = [
-    "BUDGET_ALIGN_BYTES",
-    "HOT_THRESHOLD_C",
-    "SAFE_BUDGET_FRACTION",
-    "STRATEGIES",
-    "THROTTLE_BITS",
-    "collect_status",
-    "decode_throttled",
-    "format_status",
-    "recommend",
-]
+__all__ = ["BUDGET_ALIGN_BYTES", "HOT_THRESHOLD_C", "SAFE_BUDGET_FRACTION", "THROTTLE_BITS", "collect_status",
+           "decode_throttled"]
 
 MiB = 1024 * 1024
 
@@ -57,8 +48,6 @@ HOT_THRESHOLD_C = 75.0
 _PLAUSIBLE_TEMP_C = (-40.0, 150.0)
 #: `vcgencmd get_throttled` timeout in seconds.
 VCGENCMD_TIMEOUT_S = 1.0
-
-STRATEGIES = ("sequential", "greedy_grouping", "speculative_prefetch")
 
 #: Bits of the Raspberry Pi firmware throttled word -> flag names.
 THROTTLE_BITS: dict[int, str] = {
@@ -352,14 +341,3 @@ def collect_status(sysfs_root: str = "/", run_vcgencmd: bool = True) -> dict:
         "thermal": _collect_thermal(root, live),
         "throttling": _collect_throttling(root, live, run_vcgencmd),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# recommendation
-# ----------------------------------------------------------------------------------------------------------
-
-
-# The report half lives in status_report.py; re-exported so `from edge_rt_exec.status import ...` keeps working.
-from .status_report import format_status, recommend  # noqa: E402
-
-__all__ = ["collect_status", "decode_throttled", "format_status", "recommend"]

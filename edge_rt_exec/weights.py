@@ -1,4 +1,4 @@
-"""Weights on the device: zero-copy mmap views (resident plans) or groups streamed into arena slots.
+"""Weights on the device: the weights file checked against the plan, and groups streamed into arena slots.
 
 Streamed groups are read with `pread` into a weight slot of the arena, so the page cache's copy is never
 mapped into this process and a finished group leaves nothing resident behind: its slot is simply refilled.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import formats as F
 from .binfile import SafetensorsFile
 from .errors import UserError
 from .plan import Group, Plan
@@ -32,11 +33,15 @@ def open_weights(plan: Plan) -> SafetensorsFile:
         raise UserError(f"{path}: these weights (sha256 {str(have)[:12]}, {st.file.size} bytes) are not the ones "
                         f"plan {plan.path.name if plan.path else ''} was compiled for (sha256 {str(want)[:12]}, "
                         f"{plan.files.get('weights_size')} bytes); recompile the plan or copy the matching weights")
-    for name, t in plan.tensors.items():
-        st.file.check(t.offset, t.nbytes, f"tensor '{name}'")
+    for name, w in plan.weights.items():
+        st.file.check(w.offset, w.nbytes, f"weight '{name}'")
         e = st.tensors.get(name)
-        if e is None or e.offset != t.offset or e.nbytes != t.nbytes:
-            raise UserError(f"{path}: tensor '{name}' is not where the plan expects it; recompile the plan")
+        try:
+            expected = F.get(w.format).nbytes(w.shape)
+        except ValueError as err:
+            raise UserError(f"{plan.path}: weight '{name}': {err}; the plan is corrupt") from None
+        if e is None or e.offset != w.offset or e.nbytes != w.nbytes or expected != w.nbytes:
+            raise UserError(f"{path}: weight '{name}' is not where the plan expects it; recompile the plan")
     for g in plan.groups:
         if g.slot is not None:
             st.file.check(g.byte_start, g.byte_end - g.byte_start, f"group {g.index}")

@@ -246,6 +246,7 @@ register(OpDef(
     twin=lambda ins, a, n: list(causal_attention_twin(*ins[:6], **a))[:1], bind=_causal_bind,
     warm=lambda spec: causal_attention.load(), kernels=(causal_attention,), sample=_causal_sample,
     attrs={"n_heads": None, "n_kv_heads": None, "head_dim": None, "scale": None, "rope": None},
+    required=("n_heads", "n_kv_heads", "head_dim", "scale"),
     scratch=_causal_scratch, flops=_causal_flops,
     doc="edge-rt: RoPE (optional) + KV-cache write + causal GQA attention; inputs q, k, v, k_cache, v_cache, "
         "positions",
@@ -341,7 +342,7 @@ register(OpDef(
     name="BidirAttention", shape=_bidir_rule,
     twin=lambda ins, a, n: [bidir_attention_twin(*ins[:4], **a)], bind=_bidir_bind,
     warm=lambda spec: bidir_attention.load(), kernels=(bidir_attention,), sample=_bidir_sample,
-    attrs={"n_heads": None, "head_dim": None, "scale": None},
+    attrs={"n_heads": None, "head_dim": None, "scale": None}, required=("n_heads", "head_dim", "scale"),
     scratch=lambda shapes, a: [shapes[0][0] * a["n_heads"]],  # [B*H, S] <= [T*H] scores
     flops=lambda i, o, a: 4 * i[0][0] * i[0][1] * min(i[3][1], 128),
     doc="edge-rt: BERT encoder attention with a padding mask; inputs q, k, v [B*S, H*hd], mask [B, S]",

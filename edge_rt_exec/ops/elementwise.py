@@ -334,7 +334,7 @@ def _cast_sample(rng: np.random.Generator) -> list[Sample]:
 register(OpDef(
     name="Cast", shape=lambda s, d, v, a, n: [(tuple(s[0]), a["to"])],
     twin=lambda ins, a, n: [ins[0].astype(np.dtype(a["to"]))], bind=_cast_bind, warm=_cast_warm,
-    kernels=(cast, unary, unary_par), sample=_cast_sample, attrs={"to": None},
+    kernels=(cast, unary, unary_par), sample=_cast_sample, attrs={"to": None}, required=("to",),
     doc="ONNX Cast (`to` is a numpy dtype name; the compiler converts ONNX's element type)",
 ))
 register(OpDef(

@@ -308,7 +308,7 @@ register(OpDef(
     twin=lambda ins, a, n: [np.concatenate([x for x in ins if x is not None],
                                            axis=norm_axis(a["axis"], next(x for x in ins if x is not None).ndim))],
     bind=_concat_bind, warm=_warm_copies, kernels=(copy_strided, copy_strided_par), sample=_concat_sample,
-    attrs={"axis": None}, doc="ONNX Concat",
+    attrs={"axis": None}, required=("axis",), doc="ONNX Concat",
 ))
 
 

@@ -90,7 +90,8 @@ class OpDef:
     warm: Callable[[WarmSpec], None]
     kernels: tuple[Kernel, ...]  #: empty only for metadata ops (Shape, Size), which `bind` does in numpy
     sample: Callable[[np.random.Generator], list[Sample]]
-    attrs: dict[str, Any] = field(default_factory=dict)  #: attribute name -> default (None: required)
+    attrs: dict[str, Any] = field(default_factory=dict)  #: attribute name -> default
+    required: tuple[str, ...] = ()  #: attributes a plan must give (their default above is a placeholder)
     value_inputs: tuple[int, ...] = ()
     #: op-local scratch: (input shapes, attrs) -> element counts (float32) of each scratch buffer
     scratch: Callable[[list, dict], list[int]] | None = None
@@ -98,6 +99,9 @@ class OpDef:
     flops: Callable[[list, list, dict], int] | None = None
     #: output i may share its buffer with input j (`{i: j}`): the kernel reads before it writes
     inplace: dict[int, int] = field(default_factory=dict)
+    #: inputs sliced along their first axis by a `rows=[r0, r1]` attribute (a Linear's weight and bias, tiled
+    #: by the partitioner when a weight exceeds a slot): the op sees rows r0..r1 only
+    row_tiled: tuple[int, ...] = ()
     doc: str = ""
     #: "onnx": the ONNX operator of this name (an ONNX graph may use it); "edge-rt": an op of ours that only the
     #: compiler's families and fusions emit (Linear, CausalAttention, ...)

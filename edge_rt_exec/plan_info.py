@@ -21,7 +21,9 @@ def describe(plan: Plan, verify: bool = False) -> dict[str, Any]:
         "strategy": plan.strategy, "requested_strategy": plan.requested_strategy, "budget": plan.budget,
         "max_context": plan.max_context, "max_batch_tokens": plan.max_batch_tokens,
         "weights_mode": plan.weights_mode, "weights_size": plan.files.get("weights_size"),
-        "arena": {"size": a["size"], "slots": a["slots"], "kv": a["kv"], "activations": acts,
+        "quant": plan.quant, "kv_dtype": plan.kv_dtype, "weight_formats": plan.weight_formats(),
+        "inputs": plan.graph.get("inputs", []), "outputs": plan.graph.get("outputs", []),
+        "arena": {"size": a["size"], "slots": a["slots"], "state": a["state"], "activations": acts,
                   "reserve": a.get("reserve"), "resident_weights": a.get("resident_weights")},
         "groups": [{"index": g.index, "units": g.units, "ops": g.op_end - g.op_start,
                     "bytes": g.byte_end - g.byte_start, "streamed": g.slot is not None} for g in plan.groups],
@@ -36,12 +38,17 @@ def describe(plan: Plan, verify: bool = False) -> dict[str, Any]:
         + f", weights {plan.weights_mode}, target {plan.target.get('name')} ({plan.target.get('threads')} threads)",
         f"budget      {_mb(plan.budget)}; planned peak {_mb(plan.predicted['peak_bytes'])} = arena {_mb(a['size'])}"
         f" + resident weights {_mb(a.get('resident_weights', 0))} + reserve {_mb(a.get('reserve', 0))}",
-        f"context     max_context {plan.max_context}, max_batch_tokens {plan.max_batch_tokens}",
+        f"context     max_context {plan.max_context}, max_batch_tokens {plan.max_batch_tokens}, KV cache "
+        f"{plan.kv_dtype}",
+        "weights     " + ", ".join(f"{fmt} {_mb(n)}" for fmt, n in sorted(plan.weight_formats().items()))
+        + f" (quant={plan.quant})",
+        "inputs      " + ", ".join(f"{i['name']} {i['dtype']} {i['dims']}" for i in plan.graph.get("inputs", [])),
+        "outputs     " + ", ".join(f"{o['name']} {o['dtype']}" for o in plan.graph.get("outputs", [])),
         "arena",
     ]
     for i, s in enumerate(a["slots"]):
         lines.append(f"  slot {i}      @{s['offset']:>12}  {_mb(s['nbytes'])}")
-    lines.append(f"  KV cache    @{a['kv']['offset']:>12}  {_mb(a['kv']['size'])}")
+    lines.append(f"  state       @{a['state']['offset']:>12}  {_mb(a['state']['size'])} (KV cache, constants)")
     ratio = acts["size"] / acts["lower_bound"] if acts["lower_bound"] else 1.0
     lines.append(f"  activations @{acts['offset']:>12}  {_mb(acts['size'])} ({acts['algorithm']}; "
                  f"{ratio:.3f}x the peak-live lower bound {_mb(acts['lower_bound'])})")
