@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +51,20 @@ class BoundedFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise UserError(f"{self.path}: file not found; check the path") from None
         except IsADirectoryError:
             raise UserError(f"{self.path}: is a folder, expected a file") from None
         except PermissionError:
             raise UserError(f"{self.path}: permission denied; check the file's permissions") from None
-        self.size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            self._fd = -1
+            raise UserError(f"{self.path}: not a regular file (a FIFO, device or socket); pass the file itself")
+        self.size = st.st_size
         self._mm: mmap.mmap | None = None
 
     def check(self, offset: int, nbytes: int, what: str) -> None:

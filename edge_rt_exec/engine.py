@@ -30,6 +30,7 @@ from . import ops
 from .errors import InternalError, UserError
 from .ops.registry import PAR_MIN, OpDef, ShapeError, Site, WarmSpec, numel, with_defaults
 from .plan import WEIGHT_REF, Op, Plan, load_plan
+from .plan_check import check_fits_memory
 from .weights import GroupStreamer, open_weights
 
 Shape = tuple[int, ...]
@@ -118,6 +119,7 @@ class Engine:
         self.timings = Timings()
         self.where = str(p.path or p.model.get("name"))
         self.ops = [self._resolve(op) for op in p.schedule]
+        check_fits_memory(p, self.where)
         self.st = open_weights(p)
         self.arena = np.empty(p.arena["size"], dtype=np.uint8)
         self.flat: dict[str, np.ndarray] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,20 +23,25 @@ def load_tokenizer(plan: Plan):
     if "tokenizer" not in plan.files:
         raise UserError(f"{plan.path}: the artifact has no tokenizer.json; compile from a model folder that has "
                         "one, or use `edge-rt-exec infer` with token ids")
+    from .plan import read_regular
+
     path = plan.file("tokenizer")
+    data = read_regular(path, 256 << 20, "tokenizer")
     try:
-        return Tokenizer.from_file(str(path))
+        data.decode("utf-8")
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises its own Exception type for a bad file
         raise UserError(f"{path}: cannot load the tokenizer ({e}); copy the whole artifact folder again") from None
 
 
 def load_generation(plan: Plan) -> dict[str, Any]:
+    from .plan import parse_json, read_regular
+
     path = plan.file("generation")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read generation settings ({e}); copy the whole artifact folder again") \
-            from None
+    gen = parse_json(read_regular(path, 16 << 20, "generation settings"), str(path), "generation settings")
+    if not isinstance(gen, dict):
+        raise UserError(f"{path}: generation settings are not a JSON object; copy the whole artifact folder again")
+    return gen
 
 
 @dataclass

@@ -136,8 +136,18 @@ class Plan:
         return self.path.parent
 
     def file(self, key: str) -> Path:
-        """A companion file of the plan (weights, tokenizer, generation), relative to the plan's folder."""
-        return self.folder / self.files[key]
+        """A companion file of the plan (weights, tokenizer, generation): a plain name inside the plan's folder
+        (no path separators, no `..`, not a symlink that leads out of the folder)."""
+        name = self.files.get(key)
+        where = self.path or "plan"
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or "\0" in name:
+            raise UserError(f"{where}: files.{key} = {name!r} is not a file name inside the artifact folder; the "
+                            "plan is corrupt, recompile it")
+        p = self.folder / name
+        if p.is_symlink() and p.resolve().parent != self.folder.resolve():
+            raise UserError(f"{p}: a symlink that leads out of the artifact folder; refusing it")
+        return p
 
     def weight_formats(self) -> dict[str, int]:
         """Bytes per weight format ({"q4_1": ..., "f32": ...}), for messages and names."""
@@ -189,32 +199,10 @@ def plan_from_dict(raw: Any, where: str) -> Plan:
     fields["schedule"] = [_typed(f"{where}: op {i}", Op, o) for i, o in enumerate(raw["schedule"])]
     fields["buffers"] = {k: _typed(f"{where}: buffer {k}", Buffer, v) for k, v in raw["buffers"].items()}
     plan = _typed(where, Plan, fields)
-    check_plan_consistency(plan, where)
+    from .plan_check import check_plan
+
+    check_plan(plan, where)
     return plan
-
-
-def check_plan_consistency(plan: Plan, where: str) -> None:
-    """Cheap structural checks every reader runs: every reference resolves, every range is inside the
-    arena. The full memory-safety proof is the compiler's verifier."""
-    arena = plan.arena.get("size")
-    if not isinstance(arena, int) or arena < 0:
-        raise UserError(f"{where}: arena size missing")
-    for b in plan.buffers.values():
-        if b.offset < 0 or b.nbytes < 0 or b.offset + b.nbytes > arena:
-            raise UserError(f"{where}: buffer '{b.name}' [{b.offset}, {b.offset + b.nbytes}) lies outside the "
-                            f"{arena}-byte arena; the plan is corrupt")
-    for op in plan.schedule:
-        for t in op.buffer_inputs() + [o for o in op.outputs if o] + op.scratch:
-            if t not in plan.buffers:
-                raise UserError(f"{where}: op '{op.name}' uses unknown buffer '{t}'; the plan is corrupt")
-        for _, w in op.weight_inputs():
-            if w not in plan.weights:
-                raise UserError(f"{where}: op '{op.name}' uses unknown weight '{w}'; the plan is corrupt")
-        if not 0 <= op.group < len(plan.groups):
-            raise UserError(f"{where}: op '{op.name}' names group {op.group}; the plan is corrupt")
-    for g in plan.groups:
-        if not (0 <= g.op_start <= g.op_end <= len(plan.schedule)) or g.byte_start > g.byte_end:
-            raise UserError(f"{where}: group {g.index} has bad ranges; the plan is corrupt")
 
 
 def resolve_plan_path(path: str | Path) -> Path:
@@ -233,14 +221,63 @@ def resolve_plan_path(path: str | Path) -> Path:
     return p
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and check a plan (schema version, byte order, internal references)."""
-    p = resolve_plan_path(path)
+#: Largest plan file read (an ONNX plan carries its small constants inline; SmolLM2's is ~0.5 MB).
+MAX_PLAN_BYTES = 256 << 20
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        d[k] = v
+    return d
+
+
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a FIFO or device would block or never end)."""
+    import stat
+
     try:
-        text = p.read_text(encoding="utf-8")
-        raw = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{p}: cannot read the plan ({e.__class__.__name__}: {e}); re-compile it") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open the {what} ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: the {what} is not a regular file")
+        if st.st_size > limit:
+            raise UserError(f"{path}: the {what} has {st.st_size} bytes, more than the {limit} accepted")
+        chunks, total = [], 0
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            total += len(b)
+            if total > limit:
+                raise UserError(f"{path}: the {what} is larger than the {limit} bytes accepted")
+            chunks.append(b)
+        return b"".join(chunks)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def parse_json(data: bytes, where: str, what: str) -> Any:
+    """JSON with duplicate keys refused and nesting bounded (Python's parser recurses)."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{where}: the {what} is not valid JSON ({e.__class__.__name__}: {str(e)[:200]})") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and verify a plan (schema version, byte order, every reference, range and lifetime)."""
+    p = resolve_plan_path(path)
+    raw = parse_json(read_regular(p, MAX_PLAN_BYTES, "plan"), str(p), "plan")
     plan = plan_from_dict(raw, str(p))
     plan.path = p
     return plan
