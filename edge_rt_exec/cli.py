@@ -1,6 +1,8 @@
 """`edge-rt-exec`: run compiled plans on the device.
 
-  edge-rt-exec run PLAN --prompt TEXT [--chat] [--max-tokens N] [--temperature T] [--json]
+  edge-rt-exec run PLAN -p TEXT | -f FILE | -p - [--chat] [-n N] [--temperature T] [--stop S] [--json]
+  edge-rt-exec chat PLAN [--system TEXT]                       (interactive, multi-turn)
+  edge-rt-exec serve PLAN [PLAN ...] [--host 127.0.0.1] [--port 8080]   (OpenAI-compatible HTTP API)
   edge-rt-exec embed PLAN --file sentences.txt --out emb.npy
   edge-rt-exec infer PLAN --inputs in.npz --out out.npz       (plans compiled from an ONNX graph)
   edge-rt-exec bench PLAN [PLAN ...] [--prompt TEXT] [--json]
@@ -52,16 +54,43 @@ def _session(args: argparse.Namespace):
     return s, baseline, time.perf_counter() - t0
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of `-p TEXT`, `-p -` (standard input) or `-f FILE`, as UTF-8 text."""
+    if args.file is not None:
+        from .plan import read_regular
+
+        data = read_regular(Path(args.file), 64 << 20, "prompt file")
+        where = args.file
+    elif args.prompt == "-":
+        data, where = sys.stdin.buffer.read(64 << 20), "standard input"
+    else:
+        return args.prompt
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: the prompt is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
+def sampling_args(args: argparse.Namespace):  # noqa: ANN201
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                          seed=args.seed).check()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .generate import memory_report
 
+    prompt = read_prompt(args)
+    params = sampling_args(args)
     s, baseline, load_s = _session(args)
     try:
-        ids = s.encode_prompt(args.prompt, chat=args.chat)
+        ids = s.encode_prompt(prompt, chat=args.chat, system=args.system)
         stream = None if (args.json or args.no_stream) else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         t0 = time.perf_counter()
-        r = s.generate(ids, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, on_text=stream)
+        r = s.generate(ids, max_tokens=args.max_tokens, params=params, on_text=stream, stop=args.stop,
+                       ignore_eos=args.ignore_eos)
         import psutil
 
         # process start (as the kernel recorded it) to the first generated token
@@ -73,12 +102,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "decode_ms": round(r.decode_ms, 2), "stop_reason": r.stop_reason, **mem,
                   "budget_mb": round(p.budget / 2**20, 1), "within_budget": mem["plan_rss_mb"] * 2**20 <= p.budget,
                   "strategy": p.strategy, "weights_mode": p.weights_mode, "groups": len(p.groups),
+                  "quant": p.quant, "weight_formats": sorted(p.weight_formats()),
                   "planned_peak_mb": round(p.predicted["peak_bytes"] / 2**20, 1),
                   "read_s": round(r.read_s, 4), "wait_s": round(r.wait_s, 4), "compute_s": round(r.compute_s, 4),
                   "load_s": round(load_s, 3), "first_token_s": round(first_token_s, 3),
                   "threads": s.engine.threads, "elapsed_s": round(time.perf_counter() - t0, 3)}
         if args.validate:
             result["validate_max_abs_err"] = s.engine.worst
+        if args.profile:
+            result["profile_s"] = {k: round(v, 5) for k, v in sorted(s.engine.timings.per_op.items(),
+                                                                      key=lambda kv: -kv[1])}
         if args.json:
             print(json.dumps(result))
         else:
@@ -91,49 +124,132 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{mem['baseline_rss_mb']:.0f} MB + {mem['plan_rss_mb']:.0f} MB (budget "
                   f"{p.budget / 2**20:.0f} MB)]", file=sys.stderr)
             if args.validate:
-                from .engine import describe_worst
-
-                print(f"[validate: max |numba - numpy| per op: {describe_worst(s.engine.worst)}]", file=sys.stderr)
+                print("[validate: max |numba - numpy| per op: "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in sorted(s.engine.worst.items())) + "]", file=sys.stderr)
+            if args.profile:
+                total = sum(s.engine.timings.per_op.values()) or 1.0
+                print("[profile: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in sorted(
+                    s.engine.timings.per_op.items(), key=lambda kv: -kv[1])) + "]", file=sys.stderr)
     finally:
         s.close()
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat_loop
+
+    params = sampling_args(args)
+    s, _, _ = _session(args)
+    try:
+        return chat_loop(s, params, args.max_tokens, args.system, args.stop, sys.stdin, sys.stdout, sys.stderr)
+    finally:
+        s.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("serve needs the serve extra: pip install 'edge-rt[serve]' (starlette and uvicorn)") \
+            from None
+    from .generate import Session, load_tokenizer
+    from .memory import peak_rss
+    from .plan import load_plan
+    from .server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: give a port number in 0..65535")
+    plans = [load_plan(p) for p in args.plans]
+    for plan in plans:
+        _warm_runtime(plan)
+    toks = [load_tokenizer(p) if "tokenizer" in p.files else None for p in plans]
+    baseline = peak_rss()
+    sessions = [Session(p, threads=args.threads, tokenizer=t) for p, t in zip(plans, toks)]
+    budget = sum(p.budget for p in plans)
+    print(f"edge-rt-exec: runtime baseline {baseline / 2**20:.0f} MB; the plans may add up to "
+          f"{budget / 2**20:.0f} MB", file=sys.stderr)
+    try:
+        serve(sessions, args.host, args.port, args.queue, lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        for s in sessions:
+            s.close()
+    return 0
+
+
+def writable_file(path: str, what: str) -> Path:
+    """An output path that can be written: not a folder, in a folder that exists (checked before any work)."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: --{what} names a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{parent}: folder of --{what} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: folder of --{what} is not writable")
+    return p
+
+
+def _sentences(path: str):  # noqa: ANN202
+    """Non-empty lines of a UTF-8 file, read as a stream (any size)."""
+    n = 0
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for n, line in enumerate(f, 1):  # noqa: B007 (n names the line of a decoding error)
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: line {n + 1} is not UTF-8 text ({e.reason}); convert the file to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read sentences ({e.strerror or e})") from None
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
+    """Sentences in, a float32 [n, d] .npy out, both streamed: memory stays within the plan's budget for any
+    number of lines. The output appears only when complete (atomic write)."""
     import numpy as np
 
     from .generate import memory_report
-    from .plan import atomic_write
+    from .plan import atomic_file
+
+    out = writable_file(args.out, "out")
+    import stat as _stat
 
     try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.file}: cannot read sentences ({e.__class__.__name__}); give a UTF-8 text file, "
-                        "one sentence per line") from None
-    sentences = [ln for ln in text.splitlines() if ln.strip()]
-    if not sentences:
+        st = Path(args.file).stat()
+    except OSError as e:
+        raise UserError(f"{args.file}: cannot read sentences ({e.strerror or e})") from None
+    if not _stat.S_ISREG(st.st_mode):
+        raise UserError(f"{args.file}: not a regular file; give a UTF-8 text file, one sentence per line")
+    n = sum(1 for _ in _sentences(args.file))  # a first pass counts (the .npy header states the shape)
+    if not n:
         raise UserError(f"{args.file}: no sentences (one per line expected)")
     s, baseline, _ = _session(args)
     try:
+        d = s.embedding_dim
         t0 = time.perf_counter()
-        emb = s.embed(sentences)
+        written = 0
+        with atomic_file(out) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})
+            for part in s.embed_iter(_sentences(args.file)):
+                f.write(np.ascontiguousarray(part, "<f4").tobytes())
+                written += len(part)
+            if written != n:
+                raise UserError(f"{args.file}: changed while it was read ({n} sentences, then {written})")
         dt = time.perf_counter() - t0
     finally:
         s.close()
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, emb, allow_pickle=False)
-    atomic_write(Path(args.out), buf.getvalue())
     mem = memory_report(baseline)
-    info = {"sentences": len(sentences), "dim": int(emb.shape[1]), "out": str(args.out), "ms": round(dt * 1e3, 2),
-            "ms_per_sentence": round(dt * 1e3 / len(sentences), 3), **mem}
+    info = {"sentences": n, "dim": d, "out": str(out), "ms": round(dt * 1e3, 2),
+            "ms_per_sentence": round(dt * 1e3 / n, 3), **mem}
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.out} "
-              f"({info['ms_per_sentence']:.2f} ms/sentence; peak RSS {mem['peak_rss_mb']:.0f} MB = baseline "
-              f"{mem['baseline_rss_mb']:.0f} MB + {mem['plan_rss_mb']:.0f} MB)")
+        print(f"wrote {n} x {d} float32 embeddings to {out} ({info['ms_per_sentence']:.2f} ms/sentence; peak RSS "
+              f"{mem['peak_rss_mb']:.0f} MB = baseline {mem['baseline_rss_mb']:.0f} MB + {mem['plan_rss_mb']:.0f} MB)")
     return 0
 
 
@@ -235,6 +351,33 @@ def _threads(value: str) -> int:
     return n
 
 
+def _int_at_least(lo: int):  # noqa: ANN202
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"{n} must be at least {lo}")
+        return n
+    return parse
+
+
+def _float_in(lo: float, hi: float | None, open_low: bool = False):  # noqa: ANN202
+    def parse(v: str) -> float:
+        import math
+
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+        if not math.isfinite(x) or x < lo or (open_low and x == lo) or (hi is not None and x > hi):
+            rng = f"{'(' if open_low else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"{v} must be a finite number in {rng}")
+        return x
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description="Run edge-rt plans on the device (numba kernels, streamed weights).",
                  epilog="PLAN: a *.plan.json written by edge-rt-compile, or its artifact folder if it holds one plan.")
@@ -243,24 +386,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("plan", help="plan file or artifact folder")
-        p.add_argument("--threads", type=_threads, default=None,
+        threads(p)
+
+    def threads(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-t", "--threads", type=_threads, default=None,
                        help="numba threads: a number, or 'auto' for the cores idle right now (default: the plan's "
                        "target preset, at most the cores this process may use)")
 
+    def sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+        g = p.add_argument_group("sampling (llama.cpp's names and defaults where they exist)")
+        g.add_argument("-n", "--max-tokens", type=_int_at_least(1), default=max_tokens,
+                       help=f"tokens to generate (default {max_tokens})")
+        g.add_argument("--temperature", "--temp", type=_float_in(0.0, None), default=0.0,
+                       help="0 = greedy (default)")
+        g.add_argument("--top-k", type=_int_at_least(0), default=0, help="keep the k most likely tokens (0 = off)")
+        g.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0,
+                       help="nucleus sampling threshold in (0, 1] (1 = off)")
+        g.add_argument("--min-p", type=_float_in(0.0, 1.0), default=0.0,
+                       help="drop tokens less likely than min-p x the most likely one (0 = off)")
+        g.add_argument("--repeat-penalty", type=_float_in(0.0, None, open_low=True), default=1.0,
+                       help="penalise the last --repeat-last-n tokens (1 = off; llama.cpp uses 1.1)")
+        g.add_argument("--repeat-last-n", type=_int_at_least(0), default=64, help="window of the repeat penalty")
+        g.add_argument("-s", "--seed", type=_int_at_least(0), default=0, help="sampling seed (default 0)")
+        g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop when this text appears (repeatable; not included in the output)")
+        g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+
     r = sub.add_parser("run", help="generate text with a decoder plan")
     common(r)
-    r.add_argument("--prompt", required=True, help="prompt text (special tokens in it are honoured)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text (special tokens in it are honoured); '-' reads stdin")
+    src.add_argument("-f", "--file", help="read the prompt from this UTF-8 file")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    r.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed")
+    r.add_argument("--system", default=None, help="with --chat: the system prompt (default: the template's)")
+    sampling(r, 64)
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--no-stream", action="store_true", help="print the text at the end")
     r.add_argument("--validate", action="store_true", help="also run every op's numpy twin and report the "
                    "largest difference (slow)")
+    r.add_argument("--profile", action="store_true", help="time every op and print the time per op type")
     r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("chat", help="an interactive multi-turn chat with a decoder plan (/reset, /exit)")
+    common(c)
+    c.add_argument("--system", default=None, help="the system prompt (default: the template's)")
+    sampling(c, 256)
+    c.set_defaults(fn=cmd_chat)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over one or more plans (the serve extra)")
+    v.add_argument("plans", nargs="+", help="plan files or artifact folders")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    v.add_argument("--queue", type=_int_at_least(0), default=8,
+                   help="requests that may wait per plan while one runs; more get 503 (default 8)")
+    threads(v)
+    v.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("embed", help="sentence embeddings with an encoder plan")
     common(e)
@@ -282,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt for decoder plans")
     b.add_argument("--max-tokens", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3, help="runs per plan; medians are reported")
-    b.add_argument("--threads", type=_threads, default=None, help="as for run (default: each plan's target)")
+    b.add_argument("-t", "--threads", type=_threads, default=None, help="as for run (default: each plan's target)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 

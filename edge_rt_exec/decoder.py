@@ -45,14 +45,31 @@ class Decoder:
         bound = g.get("bounds", {}).get(seq, p.max_batch_tokens) if isinstance(seq, str) else seq
         self.chunk = max(1, int(min(bound, p.max_batch_tokens) if self.mode == "cache" else bound))
         self.pos = 0
-        self.history: list[int] = []
+        self.tokens: list[int] = []  #: every token fed since the last reset (what the KV cache holds)
         self._pending_copy = False
         self._said = False
 
     def reset(self) -> None:
         self.pos = 0
-        self.history = []
+        self.tokens = []
         self._pending_copy = False
+
+    def feed(self, ids: Any) -> tuple[np.ndarray, int]:
+        """Make `ids` the whole sequence; return (last logits, prompt tokens reused). With a KV cache in the arena
+        the longest prefix shared with the tokens fed so far is kept (its cache rows are still valid) and only
+        the rest is computed; at least the last token is always fed, for its logits."""
+        ids = [int(t) for t in np.asarray(ids, dtype=np.int64).reshape(-1)]
+        keep = 0
+        if self.mode == "cache":
+            limit = min(len(self.tokens), len(ids) - 1)
+            while keep < limit and self.tokens[keep] == ids[keep]:
+                keep += 1
+        if keep == 0:
+            self.reset()
+        else:
+            self.pos = keep
+            del self.tokens[keep:]
+        return self.prefill(np.asarray(ids[keep:], np.int64)), keep
 
     def _shaped(self, role: str, values: np.ndarray) -> np.ndarray:
         """A 1-D sequence as the input of `role` takes it (`[n]` or `[1, n]`)."""
@@ -82,8 +99,7 @@ class Decoder:
                       "sequence for every token (export it with past_key_values for faster generation)",
                       file=sys.stderr)
                 self._said = True
-            self.history.extend(int(t) for t in ids)
-            seq, first = np.asarray(self.history, np.int64), 0
+            seq, first = np.asarray(self.tokens + [int(t) for t in ids], np.int64), 0
         else:
             seq, first = ids, self.pos
             if self.mode == "past_present":
@@ -97,6 +113,7 @@ class Decoder:
                                                                   np.int64))
         self.e.run(feeds, in_place)
         self.pos += n
+        self.tokens.extend(int(t) for t in ids)
         self._pending_copy = self.mode == "past_present"
         logits = self.e.output(self.io["logits"])
         return logits.reshape(-1, logits.shape[-1])[-1]

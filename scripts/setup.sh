@@ -11,7 +11,7 @@ if [ "${1:-}" != "--no-dev" ]; then
   # The CPU build of torch first (a local wheel on the team's machines): an unpinned torch would pull a
   # multi-GB CUDA build. The dev extra pins the same version, so nothing replaces it.
   "$VPY" -m pip install -q "torch==2.13.0"
-  "$VPY" -m pip install -q -e ".[compile,dev]"
+  "$VPY" -m pip install -q -e ".[compile,serve,dev]"
 else
   "$VPY" -m pip install -q -e ".[compile]"
 fi

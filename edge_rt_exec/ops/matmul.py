@@ -1,0 +1,1 @@
+"""Placeholder while being written."""
