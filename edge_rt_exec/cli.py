@@ -457,13 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_infer)
 
     b = sub.add_parser("bench", help="run each plan on the same prompt (one process each) and compare")
-    b.add_argument("plans", nargs="+", help="plan files or artifact folders")
+    b.add_argument("plans", nargs="+", help="plan files, artifact folders or sweep folders (every plan below)")
     b.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. Once upon a time,",
                    help="prompt for decoder plans")
-    b.add_argument("--max-tokens", type=int, default=32)
-    b.add_argument("--repeat", type=int, default=3, help="runs per plan; medians are reported")
+    b.add_argument("-n", "--max-tokens", type=_int_at_least(1), default=32)
+    b.add_argument("--repeat", type=_int_at_least(1), default=3, help="runs per plan; medians are reported")
     b.add_argument("-t", "--threads", type=_threads, default=None, help="as for run (default: each plan's target)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("-o", "--output", choices=["text", "md", "csv", "jsonl"], default="text",
+                   help="table format (default text)")
+    b.add_argument("--json", action="store_true", help="one JSON object: every row and the summary")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect", help="show a plan's groups, arena layout and predicted cost")
