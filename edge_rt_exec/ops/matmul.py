@@ -34,10 +34,17 @@ import numpy as np
 from .. import formats as F
 from . import _quant as Q
 from ._jit import DOT_FLAGS, F32, I64, U8, U16, arr, helper, kernel, prange
-from ._quant import (deq_f16, deq_q4_0, deq_q4_1, deq_q8_0, dot_f16, dot_q4_0, dot_q4_1, dot_q8_0, thread_id,
-                     tile_f32)
-from .registry import (PAR_MIN, OpDef, Sample, ShapeError, Site, WarmSpec, bcast_strides, broadcast, flat, numel,
-                       register)
+from ._quant import deq_f16, deq_q4_0, deq_q4_1, deq_q8_0, dot_f16, dot_q4_0, dot_q4_1, dot_q8_0, thread_id, tile_f32
+from .registry import (
+    OpDef,
+    Sample,
+    ShapeError,
+    Site,
+    WarmSpec,
+    flat,
+    numel,
+    register,
+)
 
 _F32 = np.float32
 _EMPTY = np.zeros(0, np.float32)
