@@ -36,7 +36,7 @@ def _warm_runtime(plan) -> None:  # noqa: ANN001
     measured next includes them and the plan's own memory is measured apart."""
     from .engine import start_threads, warm_plan
 
-    warm_plan(plan)
+    warm_plan(plan, notice=lambda m: print(m, file=sys.stderr, flush=True))
     start_threads()
 
 

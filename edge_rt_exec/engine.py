@@ -482,9 +482,22 @@ def start_threads() -> None:
     unary_par.load()(x, x, 0, 0.0, 0.0)
 
 
-def warm_plan(plan: Plan) -> None:
+#: Seconds a first-run compile takes per kernel, about (measured on the 2-core x86-64 machine; a Pi 4 is ~3x).
+COMPILE_S_PER_KERNEL = 4.0
+
+
+def warm_plan(plan: Plan, notice: Any = None) -> None:
     """Load, from numba's on-disk cache (compiling on a first run), every kernel specialization `plan` calls and
-    nothing else. The CLIs call it before measuring the runtime baseline, so kernel code counts as runtime."""
+    nothing else. The CLIs call it before measuring the runtime baseline, so kernel code counts as runtime.
+    `notice(text)` is told once, before a compile, that one is coming and about how long it takes."""
+    if notice is not None:
+        todo = {k for op in plan.schedule for k in ops.get(op.op).kernels if not k.loaded and not k.cached()}
+        if todo:
+            import os as _os
+
+            notice(f"edge-rt: compiling {len(todo)} numba kernel(s) for this machine once (about "
+                   f"{len(todo) * COMPILE_S_PER_KERNEL:.0f} s); later runs load them from "
+                   f"{_os.environ.get('NUMBA_CACHE_DIR', 'the numba cache')}")
     seen: set[Any] = set()
     for op in plan.schedule:
         d = ops.get(op.op)

@@ -136,6 +136,21 @@ class Kernel:
     def loaded(self) -> bool:
         return self._disp is not None
 
+    def cached(self) -> bool:
+        """Whether numba's on-disk cache has an index for this kernel (compiled on this machine before). A
+        heuristic for the first-run notice: numba names the index `<module>.<function>-<line>.py*.nbi` in a
+        folder named after the source folder."""
+        import glob
+        import os
+
+        code = self.fn.__code__
+        src = os.path.abspath(code.co_filename)
+        root = os.environ.get("NUMBA_CACHE_DIR", "")
+        stem = os.path.splitext(os.path.basename(src))[0]
+        pattern = os.path.join(glob.escape(root), f"{glob.escape(os.path.basename(os.path.dirname(src)))}_*",
+                               f"{stem}.{self.fn.__qualname__}-{code.co_firstlineno}.py*.nbi")
+        return bool(root) and bool(glob.glob(pattern))
+
     def load(self) -> Any:
         """The numba dispatcher. With a declared signature this compiles it or loads it from the cache."""
         d = self._disp
