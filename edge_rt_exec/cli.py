@@ -85,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     params = sampling_args(args)
     s, baseline, load_s = _session(args)
+    if args.max_temp is not None:
+        s.hold_temperature(args.max_temp, notify=lambda m: print(m, file=sys.stderr, flush=True))
     try:
         ids = s.encode_prompt(prompt, chat=args.chat, system=args.system)
         stream = None if (args.json or args.no_stream) else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -107,6 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "read_s": round(r.read_s, 4), "wait_s": round(r.wait_s, 4), "compute_s": round(r.compute_s, 4),
                   "load_s": round(load_s, 3), "first_token_s": round(first_token_s, 3),
                   "threads": s.engine.threads, "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if s.governor is not None:
+            result["thermal"] = s.governor.report()
         if args.validate:
             result["validate_max_abs_err"] = s.engine.worst
         if args.profile:
@@ -140,6 +144,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = sampling_args(args)
     s, _, _ = _session(args)
+    if args.max_temp is not None:
+        s.hold_temperature(args.max_temp, notify=lambda m: print(m, file=sys.stderr, flush=True))
     try:
         return chat_loop(s, params, args.max_tokens, args.system, args.stop, sys.stdin, sys.stdout, sys.stderr)
     finally:
@@ -166,6 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     toks = [load_tokenizer(p) if "tokenizer" in p.files else None for p in plans]
     baseline = peak_rss()
     sessions = [Session(p, threads=args.threads, tokenizer=t) for p, t in zip(plans, toks)]
+    if args.max_temp is not None:
+        for s in sessions:
+            s.hold_temperature(args.max_temp, notify=lambda m: print(m, file=sys.stderr, flush=True))
     budget = sum(p.budget for p in plans)
     print(f"edge-rt-exec: runtime baseline {baseline / 2**20:.0f} MB; the plans may add up to "
           f"{budget / 2**20:.0f} MB", file=sys.stderr)
@@ -411,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="stop when this text appears (repeatable; not included in the output)")
         g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+        p.add_argument("--max-temp", type=_float_in(20.0, 120.0), default=None, metavar="C",
+                       help="hold the SoC below C degrees: fewer threads, then paced tokens, near it")
 
     r = sub.add_parser("run", help="generate text with a decoder plan")
     common(r)
@@ -439,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     v.add_argument("--queue", type=_int_at_least(0), default=8,
                    help="requests that may wait per plan while one runs; more get 503 (default 8)")
+    v.add_argument("--max-temp", type=_float_in(20.0, 120.0), default=None, metavar="C",
+                   help="hold the SoC below C degrees (see run --help)")
     threads(v)
     v.set_defaults(fn=cmd_serve)
 

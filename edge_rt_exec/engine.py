@@ -206,6 +206,16 @@ class Engine:
         return views
 
     # ---- running -------------------------------------------------------------------------------------------------
+    def use_threads(self, n: int | None = None) -> None:
+        """Set numba's thread count for the calling thread (numba keeps it per thread: a server's worker thread
+        must set its own) to `n`, or to the engine's."""
+        import numba
+
+        if n is not None:
+            self.threads = set_threads(n)
+        elif numba.get_num_threads() != self.threads:
+            numba.set_num_threads(self.threads)
+
     def reset_programs(self) -> None:
         self._programs.clear()
 

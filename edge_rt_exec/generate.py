@@ -117,6 +117,13 @@ class Session:
         self.decoder = Decoder(self.engine) if self.plan.model["kind"] != "encoder" and \
             "logits" in self.plan.graph.get("io", {}) else None
         self.name = str(self.plan.model.get("name"))
+        self.governor: Any = None  #: a `thermal.ThermalGovernor` polled between tokens (`--max-temp`)
+
+    def hold_temperature(self, max_temp_c: float, notify: Callable[[str], None] | None = None) -> None:
+        """Keep the SoC under `max_temp_c`: fewer threads, then paced tokens, near it (see `thermal.py`)."""
+        from .thermal import ThermalGovernor
+
+        self.governor = ThermalGovernor(max_temp_c, self.engine.threads, self.engine.use_threads, notify=notify)
 
     def close(self) -> None:
         self.engine.close()
@@ -171,6 +178,7 @@ class Session:
             raise UserError(f"prompt of {n_prompt} tokens does not fit the plan's max_context "
                             f"{self.plan.max_context}; shorten it or recompile with a larger max_context=")
         eng, dec = self.engine, self.decoder
+        eng.use_threads()
         rng = np.random.default_rng(params.seed)
         eos = set() if ignore_eos else set(self.gen.get("eos_token_ids") or [])
         stream = TextStream(self._tokenizer(), stop or []) if self.tokenizer is not None else None
@@ -207,6 +215,8 @@ class Session:
             if dec.pos + 1 > self.plan.max_context:
                 reason = "context"
                 break
+            if self.governor is not None:
+                self.governor.step()
             logits = dec.step(np.array([tok], dtype=np.int64))
             tok = sample(logits, params, rng, history)
         t2 = time.perf_counter()
@@ -250,6 +260,7 @@ class Session:
                             "(HF folder); run the graph with `edge-rt-exec infer PLAN --inputs in.npz --out out.npz`")
         if kind != "encoder":
             raise UserError(f"{self.name} is a decoder; use `edge-rt-exec run`")
+        self.engine.use_threads()
         tok = self._tokenizer()
         tok.enable_truncation(max_length=self.plan.max_context)
         tok.no_padding()

@@ -322,6 +322,24 @@ def _collect_throttling(root: str, live: bool, run_vcgencmd: bool) -> dict[str, 
     return {"source": source, "raw": raw, "flags": decode_throttled(raw)}
 
 
+def sysfs_root() -> str:
+    """The filesystem root sensors are read under: `EDGE_RT_SYSFS_ROOT` (tests point it at a fake tree) or /."""
+    return os.environ.get("EDGE_RT_SYSFS_ROOT") or "/"
+
+
+def soc_temperature(root: str) -> float | None:
+    """The hottest plausible thermal-zone reading under `root` (sysfs only: cheap enough to poll every token)."""
+    temps = [z["temp_c"] for z in _collect_thermal(root, live=False) if z["temp_c"] is not None
+             and _PLAUSIBLE_TEMP_C[0] <= z["temp_c"] <= _PLAUSIBLE_TEMP_C[1]]
+    return max(temps) if temps else None
+
+
+def throttled_now(root: str) -> bool:
+    """Whether the Raspberry Pi firmware reports throttling or a capped frequency right now (sysfs)."""
+    flags = _collect_throttling(root, live=False, run_vcgencmd=False)["flags"]
+    return bool(flags.get("throttled_now") or flags.get("arm_freq_capped_now") or flags.get("soft_temp_limit_now"))
+
+
 def collect_status(sysfs_root: str = "/", run_vcgencmd: bool = True) -> dict:
     """Snapshot CPU, memory, thermal zones, Pi throttling, board model and arch as a JSON-safe dict.
 
