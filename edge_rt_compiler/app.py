@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from edge_rt_exec.errors import UserError
 
 from .config import register
-from .partition import STRATEGIES, fmt_bytes, parse_bytes
+from .partition import STRATEGIES
+from .passes.quantize import KV_DTYPES, QUANTS
 from .pipeline import CompileRequest, CompileResult, ModelRequest, compile_model
+from .sizes import fmt_bytes, parse_bytes
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROW_FILE = "edge_rt_row.json"
@@ -33,6 +35,7 @@ register()
 
 
 def request_from_cfg(cfg: DictConfig) -> CompileRequest:
+    """A `CompileRequest` from a composed config (bad model settings are one-line errors)."""
     t = cfg.target
     strategy = cfg.strategy.name if cfg.get("strategy") else t.strategy
     budget = parse_bytes(cfg.budget if cfg.budget is not None else t.budget, "budget")
@@ -46,14 +49,17 @@ def request_from_cfg(cfg: DictConfig) -> CompileRequest:
     return CompileRequest(model=model, strategy=strategy, budget=budget, target=target,
                           max_context=cfg.max_context, max_batch_tokens=cfg.max_batch_tokens,
                           out_dir=Path(cfg.out_dir),
-                          onnx_dims={str(k): int(v) for k, v in (cfg.get("onnx_dims") or {}).items()} or None)
+                          onnx_dims={str(k): int(v) for k, v in (cfg.get("onnx_dims") or {}).items()} or None,
+                          quant=str(cfg.quant), kv_dtype=str(cfg.kv_dtype))
 
 
 def summary_row(res: CompileResult) -> dict[str, Any]:
+    """One sweep-table row for a compile result."""
     p = res.plan
     a = p.arena["activations"]
     return {
         "model": p.model["name"], "strategy": p.requested_strategy, "chosen": p.strategy,
+        "weights_file": p.files["weights"],
         "budget": fmt_bytes(p.budget), "mode": p.weights_mode, "groups": len(p.groups),
         "planned_peak": fmt_bytes(p.predicted["peak_bytes"]),
         "arena_vs_lower_bound": round(a["size"] / a["lower_bound"], 3) if a["lower_bound"] else 1.0,
@@ -72,6 +78,7 @@ def compile_from_cfg(cfg: DictConfig) -> CompileResult:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """One compile per Hydra job (a sweep job records a summary row)."""
     mode = HydraConfig.get().mode
     multirun = mode is not None and mode.name == "MULTIRUN"
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -90,6 +97,8 @@ def hydra_main(cfg: DictConfig) -> None:
           f"planned peak {row['planned_peak']}, arena/lower bound {row['arena_vs_lower_bound']}, predicted "
           f"{row['decode_ms']:.1f} ms/token; weights {'reused' if res.weights_reused else 'written'} "
           f"({res.seconds:.1f} s)")
+    for note in res.notes:
+        print(f"  {note}")
     if multirun:
         _write_row(out, row)
 
@@ -109,6 +118,7 @@ COLUMNS = [("strategy", "strategy"), ("chosen", "chosen"), ("budget", "budget"),
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The sweep summary as an aligned text table."""
     header = [h for _, h in COLUMNS]
     body = []
     for r in rows:
@@ -160,6 +170,11 @@ def _precheck(argv: list[str]) -> None:
             for v in value.split(","):
                 if v != "null":
                     parse_bytes(v, "budget")
+        elif key in ("quant", "kv_dtype"):
+            known = QUANTS if key == "quant" else tuple(KV_DTYPES)
+            for v in value.split(","):
+                if v not in known:
+                    raise UserError(f"{key}={v} is not known; choose one of {', '.join(known)}")
         elif key in ("max_context", "max_batch_tokens"):
             for v in value.split(","):
                 if v != "null" and (not v.strip().isdigit() or int(v) <= 0):
@@ -182,6 +197,7 @@ def _precheck(argv: list[str]) -> None:
 
 
 def main() -> None:
+    """The `edge-rt-compile` entry point: bad overrides are one line and exit 2."""
     try:
         _precheck(sys.argv[1:])
     except UserError as e:

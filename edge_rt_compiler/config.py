@@ -46,8 +46,13 @@ class CompileConf:
     max_batch_tokens: int | None = None
     out_dir: str = "artifacts"
     onnx_dims: dict = field(default_factory=dict)  #: ONNX graphs: the maximum of a symbolic input dim, by name
+    #: weight formats: "keep" (as the source stores them: a GGUF's own, float32 otherwise) or f32, f16, q8_0,
+    #: q4_0, q4_1 (Linear weights and embedding tables quantized at compile time)
+    quant: str = "keep"
+    kv_dtype: str = "f32"  #: the KV cache's element type: f32 | f16
 
 
 def register() -> None:
+    """Store the config schema in Hydra's ConfigStore."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=CompileConf)

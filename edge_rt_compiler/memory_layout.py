@@ -1,17 +1,29 @@
-"""Static placement of activations in the arena.
+"""The arena: `[weight slots][state: KV cache, inline constants][activations]`, every buffer at a fixed offset.
 
-Each buffer has a size and an op-level lifetime `[first, last]` (inclusive). Algorithms share one signature
-and return a `LayoutResult`; `plan_activations` runs the suite and keeps the smallest (as ExecuTorch's
+`tensor_requests` derives each activation's, graph input's and scratch buffer's size and op-level lifetime
+`[first, last]` (inclusive) from the schedule; the activation algorithms share one signature and return a
+`LayoutResult`, and `plan_activations` runs the suite and keeps the smallest (as ExecuTorch's
 `MemoryPlanningAlgorithmSuite` does). The peak-live lower bound is the largest sum of sizes of buffers live
-at one op: no placement can beat it.
+at one op: no placement can beat it. `lay_out` places slots, state and activations into one `Arena`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from edge_rt_exec.plan import ALIGNMENT
+import networkx as nx
+
+from edge_rt_exec.plan import ALIGNMENT, Buffer
+
+from .ir import TensorSpec, is_weight
+from .sizes import align
+
+#: Per-plan runtime overhead beyond the arena (Python objects for views, the reader thread's stack pages,
+#: the tokenizer's per-call buffers), counted against the budget: peak RSS minus baseline minus arena as
+#: `edge-rt-exec run --json` reports them, with margin.
+RUNTIME_RESERVE = 6 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,7 @@ class BufferRequest:
     size: int
     first: int
     last: int
+    kind: str = "activation"  #: "input" | "activation" | "scratch"
 
 
 @dataclass(frozen=True)
@@ -29,21 +42,19 @@ class LayoutResult:
     total: int
 
 
-def _align(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
 def overlaps_in_time(a: BufferRequest, b: BufferRequest) -> bool:
+    """Two requests live at some common op."""
     return a.first <= b.last and b.first <= a.last
 
 
 def peak_live_lower_bound(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> int:
+    """The largest total (aligned) size live at one op: no placement uses less."""
     if not reqs:
         return 0
     events: dict[int, int] = {}
     for r in reqs:
-        events[r.first] = events.get(r.first, 0) + _align(r.size, alignment)
-        events[r.last + 1] = events.get(r.last + 1, 0) - _align(r.size, alignment)
+        events[r.first] = events.get(r.first, 0) + align(r.size, alignment)
+        events[r.last + 1] = events.get(r.last + 1, 0) - align(r.size, alignment)
     live = peak = 0
     for t in sorted(events):
         live += events[t]
@@ -56,7 +67,7 @@ def naive(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> LayoutResult
     off, offsets = 0, {}
     for r in reqs:
         offsets[r.name] = off
-        off += _align(r.size, alignment)
+        off += align(r.size, alignment)
     return LayoutResult("naive", offsets, off)
 
 
@@ -67,7 +78,7 @@ def greedy_by_size_best_fit(reqs: list[BufferRequest], alignment: int = ALIGNMEN
     offsets: dict[str, int] = {}
     total = 0
     for r in sorted(reqs, key=lambda r: (-r.size, r.first, r.name)):
-        size = _align(r.size, alignment)
+        size = align(r.size, alignment)
         busy = sorted((o, o + s) for o, s, q in placed if overlaps_in_time(q, r))
         best: tuple[int, int] | None = None  # (gap size, offset)
         cursor = 0
@@ -89,7 +100,7 @@ def greedy_by_first_use(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -
     offsets: dict[str, int] = {}
     total = 0
     for r in sorted(reqs, key=lambda r: (r.first, -r.size, r.name)):
-        size = _align(r.size, alignment)
+        size = align(r.size, alignment)
         busy = sorted((o, o + s) for o, s, q in placed if overlaps_in_time(q, r))
         cursor = 0
         for start, end in busy:
@@ -126,3 +137,82 @@ def find_overlap(reqs: list[BufferRequest], offsets: dict[str, int]) -> tuple[st
             if overlaps_in_time(a, b) and a.size > 0 and b.size > 0:
                 return a.name, b.name
     return None
+
+
+# ---- requests from the IR ---------------------------------------------------------------------------------------
+
+def tensor_requests(g: nx.DiGraph, ops: list[Any]) -> list[BufferRequest]:
+    """Op-level lifetimes of every graph input, activation and op-local scratch over the schedule `ops`
+    (scheduled ops: `.inputs`, `.outputs`, `.scratch`). Graph outputs live to the end, and so do the pasts of
+    an ONNX decoder (the executor refills them from the presents between runs)."""
+    tensors: dict[str, TensorSpec] = g.graph["tensors"]
+    persistent = set(g.graph["state"]) | set(g.graph["constants"])
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for i in g.graph["inputs"]:
+        t = i["name"]
+        first[t], last[t], kinds[t] = 0, 0, "input"
+    for k, o in enumerate(ops):
+        for t in o.inputs:
+            if t and not is_weight(t) and t not in persistent:
+                last[t] = max(last.get(t, k), k)
+        for t in o.outputs:
+            if t:
+                first.setdefault(t, k)
+                last[t] = max(last.get(t, k), k)
+                kinds.setdefault(t, "activation")
+        for s in o.scratch:
+            first.setdefault(s, k)
+            last[s] = k
+            kinds[s] = "scratch"
+    end = len(ops) - 1
+    for t in list(g.graph["outputs"]) + [p for p, _ in g.graph["kv"]["pairs"]]:
+        last[t] = end
+    return [BufferRequest(t, tensors[t].nbytes, first[t], last[t], kinds[t]) for t in first]
+
+
+def persistent_buffers(g: nx.DiGraph) -> list[tuple[str, str, TensorSpec]]:
+    """(name, kind, spec) of what lives for the whole run: the KV cache ("state") and inline constants."""
+    out = [(n, "state", g.graph["tensors"].get(n, s)) for n, s in g.graph["state"].items()]
+    out += [(n, "const", TensorSpec(c.shape, c.dtype)) for n, c in g.graph["constants"].items()]
+    return out
+
+
+def persistent_bytes(g: nx.DiGraph) -> int:
+    """The state region as `lay_out` lays it out (each buffer aligned)."""
+    return sum(align(s.nbytes) for _, _, s in persistent_buffers(g))
+
+
+@dataclass(frozen=True)
+class Arena:
+    size: int
+    buffers: dict[str, Buffer]
+    slots: list[dict[str, int]]  #: [{offset, nbytes}] per weight slot
+    state: dict[str, int]  #: {offset, size} of the persistent region
+    activations: dict[str, Any]  #: {offset, size, lower_bound, algorithm}
+
+
+def lay_out(g: nx.DiGraph, n_slots: int, slot_bytes: int, reqs: list[BufferRequest]) -> Arena:
+    """Slots, then the persistent region, then the activations placed by the smallest algorithm."""
+    acts = plan_activations(reqs)
+    off = 0
+    buffers: dict[str, Buffer] = {}
+    slots = []
+    for s in range(n_slots):
+        slots.append({"offset": off, "nbytes": slot_bytes})
+        buffers[f"slot.{s}"] = Buffer(f"slot.{s}", "slot", off, slot_bytes, "uint8", [slot_bytes])
+        off += align(slot_bytes)
+    state_off = off
+    for name, kind, spec in persistent_buffers(g):
+        buffers[name] = Buffer(name, kind, off, spec.nbytes, spec.dtype, [int(d) for d in spec.shape])
+        off += align(spec.nbytes)
+    act_off = off
+    tensors = g.graph["tensors"]
+    for r in reqs:
+        spec = tensors[r.name]
+        buffers[r.name] = Buffer(r.name, r.kind, act_off + acts.offsets[r.name], r.size, spec.dtype,
+                                 [int(d) for d in spec.shape], r.first, r.last)
+    return Arena(act_off + acts.total, buffers, slots, {"offset": state_off, "size": act_off - state_off},
+                 {"offset": act_off, "size": acts.total, "lower_bound": peak_live_lower_bound(reqs),
+                  "algorithm": acts.algorithm})

@@ -1,16 +1,17 @@
 """Partitioning: IR units -> execution groups for a memory budget and a strategy.
 
-A *unit* is a transformer block, the embedding, or the head. A strategy decides how many weight slots the
-arena has, how large they are, and how consecutive units are packed into groups; it returns a
-`PartitionResult` and never mutates the IR. A unit larger than a slot is split at op boundaries, and an op
-larger than a slot (the LM head of a large vocab) is tiled along its output rows.
+A *unit* is a transformer block, the embedding, or the head (for ONNX graphs, a segment). A strategy decides
+how many weight slots the arena has, how large they are, and how consecutive units are packed into groups; it
+returns a `PartitionResult` and never mutates the IR. A unit larger than a slot is split at op boundaries, and
+an op larger than a slot (the LM head of a large vocab) is tiled along its output rows. Every byte count is a
+weight's stored size in its format (the layout's).
 
-Strategies are registered in `STRATEGIES` under the names of `conf/strategy/*.yaml`.
+Strategies are registered in `STRATEGIES` under the names of `conf/strategy/*.yaml`; `auto` runs the others
+and keeps the one with the lowest latency the cost model (`predict`) gives for the target.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,25 +20,28 @@ import networkx as nx
 
 from edge_rt_exec.errors import InternalError, UserError
 
-from .ir import ops_in_order
+from .ir import is_row_gather, is_weight, ops_in_order, weight_name
+from .passes.segments import TILEABLE
+from .sizes import fmt_bytes, parse_bytes
 from .weights_layout import WeightsLayout
 
-MiB = 1024 * 1024
+__all__ = ["STRATEGIES", "Context", "Cost", "PartitionResult", "PlannedGroup", "SchedOp", "fmt_bytes", "parse_bytes",
+           "partition", "predict", "sched_ops", "units_of"]
 
 
 @dataclass(frozen=True)
 class SchedOp:
-    """An IR op as scheduled: possibly a row tile `rows=(r0, r1)` of a linear/lm_head op."""
+    """An IR op as scheduled: possibly a row tile `rows=[r0, r1]` of a Linear."""
 
     node: str
     name: str
     op: str
     unit: int
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...]  #: positional, weights as "@name" (as in the plan)
     outputs: tuple[str, ...]
-    weights: tuple[tuple[str, str], ...]
     attrs: tuple[tuple[str, Any], ...]
-    flops: int
+    scratch: tuple[str, ...]
+    flops: int  #: per token row
     byte_start: int  #: slot-loaded weight bytes of this op in the weights file (start == end: none)
     byte_end: int
 
@@ -90,50 +94,68 @@ class Context:
     """What a strategy needs to know besides the units."""
 
     budget: int
-    fixed_bytes: int  #: KV cache + activations + runtime reserve
-    fixed_parts: dict[str, int]
-    total_weight_bytes: int  #: every tensor in the weights file (resident mode maps them all)
+    fixed_bytes: int  #: state (KV cache, constants) + activations + runtime reserve
+    fixed_parts: dict[str, int]  #: the same, by part, for the minimum-budget message
+    total_weight_bytes: int  #: every weight in the weights file (resident mode maps them all)
     min_slot: int  #: the largest unit that may not be split (a transformer block)
     min_slot_unit: str
     prefetch_headroom: float
     model_name: str
     max_context: int
+    unit_names: list[str]
+    target: dict[str, Any]  #: the device (read / memory bandwidth, compute rate) for the cost model
 
 
-# ---- units and tiling -----------------------------------------------------------------------------
+# ---- units and tiling -----------------------------------------------------------------------------------------
 
-def op_bytes(layout: WeightsLayout, weights: dict[str, str], rows: tuple[int, int] | None,
-             gather: tuple[str, ...] = ()) -> tuple[int, int]:
-    """The contiguous file range of an op's slot-loaded weights (tables it gathers rows from excluded)."""
+def op_bytes(layout: WeightsLayout, op: str, inputs: tuple[str, ...], attrs: dict[str, Any]) -> tuple[int, int]:
+    """The contiguous file range of an op's slot-loaded weights (tables it gathers rows from excluded); a row
+    tile of a Linear loads rows r0..r1 of its weight (input 1) and bias (input 2)."""
+    rows = attrs.get("rows")
     spans = []
-    for role, w in weights.items():
-        t = layout.tensors[w]
-        if role in gather:
+    for i, t in enumerate(inputs):
+        if not is_weight(t):
             continue
-        if rows is not None and role == "weight":
-            row = t.nbytes // t.shape[0]
-            spans.append((t.offset + rows[0] * row, t.offset + rows[1] * row))
-        elif rows is not None and role == "bias":
-            spans.append((t.offset + rows[0] * 4, t.offset + rows[1] * 4))
+        w = layout.weights[weight_name(t)]
+        if is_row_gather(op, attrs, i, len(w.shape)):
+            continue
+        if rows is not None and op in TILEABLE and i in (1, 2):
+            spans.append((w.offset + rows[0] * w.row_bytes(), w.offset + rows[1] * w.row_bytes()))
         else:
-            spans.append((t.offset, t.offset + t.nbytes))
+            spans.append((w.offset, w.offset + w.nbytes))
     if not spans:
         return (0, 0)
     return (min(s for s, _ in spans), max(e for _, e in spans))
 
 
 def sched_ops(g: nx.DiGraph, layout: WeightsLayout) -> list[SchedOp]:
+    """The IR in execution order as scheduled ops, each with its weight byte range."""
     out = []
-    for node in ops_in_order(g):
-        n = g.nodes[node]
-        rows = tuple(n["attrs"]["rows"]) if "rows" in n["attrs"] else None
-        bs, be = op_bytes(layout, n["weights"], rows, tuple(n["attrs"].get("gather", ())))
-        out.append(SchedOp(node, node, n["op"], n["unit"], tuple(n["inputs"]), tuple(n["outputs"]),
-                           tuple(n["weights"].items()), tuple(n["attrs"].items()), n["flops"], bs, be))
+    for n in ops_in_order(g):
+        node = g.nodes[n]
+        inputs = tuple(node["inputs"])
+        bs, be = op_bytes(layout, node["op"], inputs, node["attrs"])
+        out.append(SchedOp(n, n, node["op"], node["unit"], inputs, tuple(node["outputs"]),
+                           tuple(node["attrs"].items()), tuple(node["scratch"]), node["flops"], bs, be))
     return out
 
 
+def minimum_slot(g: nx.DiGraph, ops: list[SchedOp]) -> tuple[int, str]:
+    """(bytes, what) of the smallest weight slot any strategy needs: the largest transformer block (a block is
+    one group for `sequential`), or for segmented graphs what `passes.segments` recorded."""
+    if "min_slot" in g.graph:
+        return g.graph["min_slot"]
+    spans: dict[int, tuple[int, int]] = {}
+    for o in ops:
+        if o.byte_end > o.byte_start and g.graph["units"][o.unit].startswith("layer."):
+            lo, hi = spans.get(o.unit, (o.byte_start, o.byte_end))
+            spans[o.unit] = (min(lo, o.byte_start), max(hi, o.byte_end))
+    size, unit = max(((hi - lo, u) for u, (lo, hi) in spans.items()), default=(0, -1))
+    return size, g.graph["units"][unit] if unit >= 0 else "none"
+
+
 def units_of(ops: list[SchedOp]) -> list[Piece]:
+    """Consecutive ops of one unit as pieces (a block, the embedding, the head, ...)."""
     pieces: list[Piece] = []
     for o in ops:
         if not pieces or pieces[-1].unit != o.unit:
@@ -142,19 +164,16 @@ def units_of(ops: list[SchedOp]) -> list[Piece]:
     return pieces
 
 
-#: Op types with a `[out, in]` weight (and optional bias) that may be split along output rows (`rows` attr).
-TILEABLE = ("linear", "lm_head", "onnx.linear")
-
-
 def tile_op(o: SchedOp, layout: WeightsLayout, slot: int) -> list[SchedOp]:
-    """Split a linear/lm_head op into row tiles whose weight bytes fit `slot`."""
+    """Split a Linear into row tiles whose weight bytes (weight rows + bias rows) fit `slot`."""
     attrs = dict(o.attrs)
-    weights = dict(o.weights)
-    if o.op not in TILEABLE or "weight" not in weights:
+    if o.op not in TILEABLE or len(o.inputs) < 2 or not is_weight(o.inputs[1]):
         raise InternalError(f"op {o.name} ({o.op}) cannot be tiled")
-    t = layout.tensors[weights["weight"]]
-    r0, r1 = attrs.get("rows", (0, t.shape[0]))
-    row = t.nbytes // t.shape[0] + (4 if "bias" in weights else 0)
+    w = layout.weights[weight_name(o.inputs[1])]
+    r0, r1 = attrs.get("rows") or (0, w.shape[0])
+    row = w.row_bytes()
+    if len(o.inputs) > 2 and is_weight(o.inputs[2]):
+        row += layout.weights[weight_name(o.inputs[2])].row_bytes()
     per = max(1, slot // row)
     # Keep tiles a multiple of 16 rows where possible so kernels see aligned tiles.
     if per > 16:
@@ -162,8 +181,9 @@ def tile_op(o: SchedOp, layout: WeightsLayout, slot: int) -> list[SchedOp]:
     tiles = []
     for k, a in enumerate(range(r0, r1, per)):
         b = min(r1, a + per)
-        bs, be = op_bytes(layout, weights, (a, b))
-        tiles.append(replace(o, name=f"{o.name}.tile{k}", attrs=tuple(dict(attrs, rows=[a, b]).items()),
+        t_attrs = dict(attrs, rows=[a, b])
+        bs, be = op_bytes(layout, o.op, o.inputs, t_attrs)
+        tiles.append(replace(o, name=f"{o.name}.tile{k}", attrs=tuple(t_attrs.items()),
                              flops=o.flops * (b - a) // max(1, r1 - r0), byte_start=bs, byte_end=be))
     return tiles
 
@@ -213,7 +233,7 @@ def pack(pieces: list[Piece], slot: int, unit_names: list[str], one_unit_per_gro
     return groups
 
 
-# ---- strategies -------------------------------------------------------------------------------------
+# ---- strategies -------------------------------------------------------------------------------------------------
 
 def _minimum_error(ctx: Context, strategy: str, slots: int) -> UserError:
     need = ctx.fixed_bytes + slots * ctx.min_slot
@@ -227,32 +247,31 @@ def _minimum_error(ctx: Context, strategy: str, slots: int) -> UserError:
         f"(now {ctx.max_context})")
 
 
-def sequential(units: list[Piece], layout: WeightsLayout, ctx: Context, names: list[str]) -> PartitionResult:
+def sequential(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
     """One unit per group, streamed through one slot sized for the largest block."""
     if ctx.fixed_bytes + ctx.min_slot > ctx.budget:
         raise _minimum_error(ctx, "sequential", 1)
     slot = ctx.min_slot
     pieces = [q for p in units for q in split_piece(p, layout, slot)]
-    groups = pack(pieces, slot, names, one_unit_per_group=True)
+    groups = pack(pieces, slot, ctx.unit_names, one_unit_per_group=True)
     return PartitionResult("sequential", "streamed", 1, _slot_size(groups), groups)
 
 
-def greedy_grouping(units: list[Piece], layout: WeightsLayout, ctx: Context, names: list[str]) -> PartitionResult:
+def greedy_grouping(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
     """As few groups as fit; the whole model resident (mmap, no slot) when it fits the budget."""
     if ctx.total_weight_bytes + ctx.fixed_bytes <= ctx.budget:
         ops = [o for p in units for o in p.ops]
-        g = PlannedGroup(ops, [names[p.unit] for p in units], 0, 0, False)
+        g = PlannedGroup(ops, [ctx.unit_names[p.unit] for p in units], 0, 0, False)
         return PartitionResult("greedy_grouping", "resident", 0, 0, [g], ["whole model resident"])
     slot = ctx.budget - ctx.fixed_bytes
     if slot < ctx.min_slot:
         raise _minimum_error(ctx, "greedy_grouping", 1)
     pieces = [q for p in units for q in split_piece(p, layout, slot)]
-    groups = pack(pieces, slot, names, one_unit_per_group=False)
+    groups = pack(pieces, slot, ctx.unit_names, one_unit_per_group=False)
     return PartitionResult("greedy_grouping", "streamed", 1, _slot_size(groups), groups)
 
 
-def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context,
-                         names: list[str]) -> PartitionResult:
+def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
     """Two slots: the group computing and the next one being read. `prefetch_headroom` of the budget is left
     unplanned for the reader's I/O."""
     usable = int(ctx.budget * (1.0 - ctx.prefetch_headroom)) - ctx.fixed_bytes
@@ -270,26 +289,55 @@ def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context
     # fills quickly. Larger groups only add a second trip through DRAM (measured in benchmarks/bench_streaming.py).
     target = min(slot, ctx.min_slot)
     pieces = [q for p in units for q in split_piece(p, layout, target)]
-    groups = pack(pieces, target, names, one_unit_per_group=True)
+    groups = pack(pieces, target, ctx.unit_names, one_unit_per_group=True)
     return PartitionResult("speculative_prefetch", "streamed", 2, _slot_size(groups), groups)
+
+
+def auto(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
+    """Every other strategy that fits the budget; the one with the lowest predicted decode latency."""
+    tried: list[tuple[float, str, PartitionResult]] = []
+    errors: dict[str, str] = {}
+    for name, strategy in STRATEGIES.items():
+        if strategy is auto:
+            continue
+        try:
+            r = strategy(units, layout, ctx)
+        except UserError as e:
+            errors[name] = str(e)
+            continue
+        tried.append((predict(r, ctx.target, ctx.total_weight_bytes).decode_ms_per_token, name, r))
+    if not tried:  # the smallest minimum (sequential's) is the one worth stating
+        name, msg = next(iter(errors.items()))
+        raise UserError(msg.replace(f"strategy '{name}'", "any strategy ('auto')"))
+    tried.sort(key=lambda x: x[0])
+    best = tried[0][2]
+    notes = [f"auto: {n} predicted {ms:.1f} ms/token" for ms, n, _ in tried]
+    return replace(best, notes=best.notes + notes)
 
 
 def _slot_size(groups: list[PlannedGroup]) -> int:
     return max((g.nbytes for g in groups), default=0)
 
 
-Strategy = Callable[[list[Piece], WeightsLayout, Context, list[str]], PartitionResult]
+Strategy = Callable[[list[Piece], WeightsLayout, Context], PartitionResult]
 
-#: Keyed like conf/strategy/*.yaml. `auto` is resolved by the pipeline with the cost model.
-STRATEGIES: dict[str, Strategy | None] = {
+#: Keyed like conf/strategy/*.yaml.
+STRATEGIES: dict[str, Strategy] = {
     "sequential": sequential,
     "greedy_grouping": greedy_grouping,
     "speculative_prefetch": speculative_prefetch,
-    "auto": None,
+    "auto": auto,
 }
 
 
-# ---- cost model -------------------------------------------------------------------------------------
+def partition(ops: list[SchedOp], layout: WeightsLayout, ctx: Context, strategy: str) -> PartitionResult:
+    """Run one registered strategy on the schedule's units."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[strategy](units_of(ops), layout, ctx)
+
+
+# ---- cost model -------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Cost:
@@ -305,7 +353,8 @@ def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes:
             prompt_tokens: int = 64) -> Cost:
     """Latency from bytes read (read bandwidth), bytes touched (memory bandwidth) and FLOPs (compute rate).
     Streamed groups are read once per token in decode and once per prompt in prefill; with two slots the
-    read of group g+1 overlaps the compute of group g."""
+    read of group g+1 overlaps the compute of group g. Bytes are the weights' stored sizes, so a quantized
+    plan reads and touches fewer of them."""
     rd = float(target["read_bandwidth_gbs"]) * 1e9
     mem = float(target["mem_bandwidth_gbs"]) * 1e9
     fl = float(target["compute_gflops"]) * 1e9
@@ -333,33 +382,3 @@ def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes:
     dec, comp = total(1)
     pre, _ = total(prompt_tokens)
     return Cost(dec * 1e3, pre * 1e3, prompt_tokens, rbytes, sum(reads) * 1e3, comp * 1e3)
-
-
-def fmt_bytes(n: int, round_up: bool = False) -> str:
-    """Bytes as the override syntax users type (K/M/G, one decimal when needed). `round_up` for minimums: the
-    printed value itself must be enough."""
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= scale:
-            v = n / scale
-            if round_up:
-                v = math.ceil(v * 10 - 1e-9) / 10
-            return f"{v:.0f}{unit}" if abs(v - round(v)) < 0.05 and (not round_up or v == round(v)) \
-                else f"{v:.1f}{unit}"
-    return f"{n}B"
-
-
-def parse_bytes(text: Any, what: str = "budget") -> int:
-    """'512M', '1.5G', '800K', '1048576' -> bytes (binary units). Raises UserError with the accepted forms."""
-    s = str(text).strip()
-    scales = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-              "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-    num = s.rstrip("kKmMgGiIbB")
-    unit = s[len(num):].upper()
-    try:
-        value = float(num)
-    except ValueError:
-        value = float("nan")
-    if unit not in scales or not value == value or value <= 0 or value == float("inf"):
-        raise UserError(f"{what}={s!r} is not a size; use a positive number with an optional K/M/G suffix, "
-                        f"e.g. {what}=512M or {what}=1.5G")
-    return int(value * scales[unit])

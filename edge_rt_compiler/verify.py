@@ -1,38 +1,57 @@
 """An independent verifier for finished plans (STYLE.md #5).
 
-It trusts nothing the planner computed: it re-derives every buffer's lifetime from the schedule itself and
-checks that no two buffers live at the same time share arena bytes, that offsets are aligned, that the plan
-fits its budget, that groups tile the schedule and that every streamed op's weights lie inside its group's
-byte range, which fits a slot.
+It trusts nothing the planner computed: it re-derives every buffer's lifetime from the schedule's positional
+inputs, outputs and scratch (weights, "@name", are not buffers) and checks that no two buffers live at the same
+time share arena bytes, that offsets are aligned, that the plan fits its budget, that every weight's size is
+what its format says, that groups tile the schedule and that every streamed op's weight bytes (row tiles by
+their format's row size) lie inside its group's byte range, which fits a slot. Then the executor's own load-time
+check (`edge_rt_exec.plan_check`) runs too: a plan the device would refuse is a compiler bug.
 """
 
 from __future__ import annotations
 
+from edge_rt_exec import formats
 from edge_rt_exec.errors import InternalError
-from edge_rt_exec.plan import Plan
+from edge_rt_exec.plan import Plan, WeightInfo
+from edge_rt_exec.plan_check import PlanError, check_plan
+
+from .ir import is_row_gather
+
+#: Buffer kinds that live for the whole run.
+PERSISTENT = ("slot", "state", "const")
 
 
 def derived_lifetimes(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Every buffer's [first, last] op, from the schedule alone."""
     life: dict[str, tuple[int, int]] = {}
     n = len(plan.schedule)
     for op in plan.schedule:
-        names = list(op.inputs) + list(op.outputs) + list(op.attrs.get("scratch", []))
-        for t in names:
+        for t in op.buffer_inputs() + [o for o in op.outputs if o] + list(op.scratch):
             a, b = life.get(t, (op.index, op.index))
             life[t] = (min(a, op.index), max(b, op.index))
     for name, buf in plan.buffers.items():
-        if buf.kind in ("slot", "kv"):
-            life[name] = (0, n)  # persistent
+        if buf.kind in PERSISTENT:
+            life[name] = (0, n)
         elif buf.kind == "input":
             life[name] = (0, life.get(name, (0, 0))[1])
-    if plan.schedule:
-        last = plan.schedule[-1]
-        for t in last.outputs:
+    ends = [o["name"] for o in plan.graph.get("outputs", [])]
+    ends += [p for p, _ in plan.graph.get("kv", {}).get("pairs", [])]
+    for t in ends:
+        if t in life:
             life[t] = (life[t][0], n)
     return life
 
 
+def _span(w: WeightInfo, pos: int, op: str, attrs: dict) -> tuple[int, int]:
+    rows = attrs.get("rows")
+    if rows is not None and op == "Linear" and pos in (1, 2):
+        row = formats.get(w.format).nbytes(w.shape[1:] or [1])
+        return w.offset + rows[0] * row, w.offset + rows[1] * row
+    return w.offset, w.offset + w.nbytes
+
+
 def verify_plan(plan: Plan) -> None:
+    """Raise InternalError (a compiler bug) unless the finished plan is safe and consistent."""
     problems: list[str] = []
     life = derived_lifetimes(plan)
     align = plan.alignment
@@ -61,40 +80,48 @@ def verify_plan(plan: Plan) -> None:
         problems.append(f"planned peak {peak} exceeds the budget {plan.budget}")
     if plan.predicted.get("peak_bytes") != peak:
         problems.append(f"predicted peak {plan.predicted.get('peak_bytes')} != arena + reserve + resident {peak}")
+    size = plan.files.get("weights_size", 0)
+    for name, w in plan.weights.items():
+        if w.format not in formats.FORMATS or formats.get(w.format).nbytes(w.shape) != w.nbytes:
+            problems.append(f"weight {name} ({w.format} {w.shape}) holds {w.nbytes} bytes, not its format's size")
+        if w.offset % align or (size and w.offset + w.nbytes > size):
+            problems.append(f"weight {name} [{w.offset},{w.offset + w.nbytes}) is misaligned or past the file")
     # Groups tile the schedule; streamed groups fit a slot and hold their ops' weights.
     pos = 0
     slot_bytes = min((s["nbytes"] for s in plan.arena["slots"]), default=0)
-    size = plan.files.get("weights_size", 0)
     for gr in plan.groups:
         if gr.op_start != pos:
             problems.append(f"group {gr.index} starts at op {gr.op_start}, expected {pos}")
         pos = gr.op_end
+        ops = plan.schedule[gr.op_start:gr.op_end]
+        for op in ops:
+            if op.group != gr.index:
+                problems.append(f"op {op.name} is in group {gr.index}'s range but names group {op.group}")
+        for op in ops:
+            for i, name in op.weight_inputs():
+                w = plan.weights[name]
+                if is_row_gather(op.op, op.attrs, i, len(w.shape)):
+                    continue
+                if gr.slot is None:
+                    if plan.weights_mode == "streamed":
+                        problems.append(f"op {op.name} loads weight {name} but its group {gr.index} is not "
+                                        "streamed")
+                    continue
+                lo, hi = _span(w, i, op.op, op.attrs)
+                if lo < gr.byte_start or hi > gr.byte_end:
+                    problems.append(f"op {op.name} weight {name} [{lo},{hi}) lies outside group {gr.index}'s "
+                                    f"bytes [{gr.byte_start},{gr.byte_end})")
         if gr.slot is not None:
             if gr.byte_end - gr.byte_start > slot_bytes:
                 problems.append(f"group {gr.index} needs {gr.byte_end - gr.byte_start} bytes but slots hold "
                                 f"{slot_bytes}")
             if size and gr.byte_end > size:
                 problems.append(f"group {gr.index} ends past the weights file")
-            for op in plan.schedule[gr.op_start:gr.op_end]:
-                if op.group != gr.index:
-                    problems.append(f"op {op.name} is in group {gr.index}'s range but names group {op.group}")
-                for role, w in op.weights.items():
-                    t = plan.tensors[w]
-                    if role in op.attrs.get("gather", ()):
-                        continue
-                    rows = op.attrs.get("rows")
-                    lo, hi = t.offset, t.offset + t.nbytes
-                    if rows is not None and t.shape:
-                        row = t.nbytes // t.shape[0] if role == "weight" else 4
-                        lo, hi = t.offset + rows[0] * row, t.offset + rows[1] * row
-                    if lo < gr.byte_start or hi > gr.byte_end:
-                        problems.append(f"op {op.name} weight {w} [{lo},{hi}) lies outside group {gr.index}'s "
-                                        f"bytes [{gr.byte_start},{gr.byte_end})")
-        elif plan.weights_mode == "streamed":
-            for op in plan.schedule[gr.op_start:gr.op_end]:
-                if any(r not in op.attrs.get("gather", ()) for r in op.weights):
-                    problems.append(f"op {op.name} has weights but its group {gr.index} is not streamed")
     if pos != len(plan.schedule):
         problems.append(f"groups cover {pos} of {len(plan.schedule)} ops")
     if problems:
         raise InternalError(f"plan for {plan.model.get('name')} fails verification: " + "; ".join(problems[:5]))
+    try:  # and what the executor checks when it loads the plan
+        check_plan(plan, f"plan for {plan.model.get('name')}")
+    except PlanError as e:
+        raise InternalError(f"{e} (the compiler wrote it: this is a bug)") from None

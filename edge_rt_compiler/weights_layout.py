@@ -1,9 +1,14 @@
-"""Where each tensor lies in the repacked weights file: execution order, 64-byte aligned.
+"""Where each weight lies in the repacked weights file: execution order, 64-byte aligned, in its format.
 
-One layout per model (it does not depend on the strategy or budget), so every plan of a model shares one
-weights file. Tensors read row-by-row on demand (embedding tables used only by gathers) come first; every
-other tensor sits at its first use, so the weights of consecutive units are consecutive bytes and any group
-of units is one contiguous read.
+One layout per model and format (it does not depend on the strategy or budget), so every plan of a model in
+one format shares one weights file. Tables read row by row on demand (embedding tables only gathers read)
+come first; every other weight sits at its first use, so the weights of consecutive units are consecutive
+bytes and any group of units is one contiguous read. Sizes come from the weight-format registry.
+
+The file is a safetensors file our own bounded reader (`edge_rt_exec.binfile`) opens: f32 / f16 weights as
+F32 / F16 tensors of their logical shape, block formats as U8 byte strings (`formats.<fmt>.stored_shape`);
+the header's `__metadata__` names every non-f32 tensor's format (`edge_rt_formats`) beside the plan's
+`WeightInfo.format`.
 """
 
 from __future__ import annotations
@@ -13,27 +18,35 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from edge_rt_exec.binfile import NUMPY_TO_SAFETENSORS
+from edge_rt_exec import formats
 from edge_rt_exec.plan import ALIGNMENT
 
-from .ir import ops_in_order
+from .ir import gather_only, is_row_gather, is_weight, ops_in_order, weight_name, weight_users
+from .sizes import align
 
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 
 
 @dataclass(frozen=True)
-class WeightSlot:
+class WeightLocation:
+    """One weight's bytes in the weights file (not an arena slot: those are `Plan.arena["slots"]`)."""
+
     name: str
     offset: int  #: absolute in the file
     nbytes: int
-    shape: tuple[int, ...]
-    gather: bool
+    format: str
+    shape: tuple[int, ...]  #: logical
+    gather: bool  #: only row gathers read it
+
+    def row_bytes(self) -> int:
+        """Bytes of one row (`shape[0]` rows; a 1-D tensor's rows are its elements)."""
+        return formats.get(self.format).nbytes(self.shape[1:] or (1,))
 
 
 @dataclass(frozen=True)
 class WeightsLayout:
     order: list[str]
-    tensors: dict[str, WeightSlot]
+    weights: dict[str, WeightLocation]
     header: bytes  #: the safetensors header (length prefix included), padded to ALIGNMENT
     file_size: int
 
@@ -42,40 +55,41 @@ class WeightsLayout:
         return len(self.header)
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
-
-
 def weights_order(g: nx.DiGraph) -> tuple[list[str], set[str]]:
-    """(tensor names in file order, the gather-only ones)."""
-    uses: dict[str, list[bool]] = {}
+    """(weight names in file order, the gather-only ones)."""
+    only = gather_only(g)
     first: list[str] = []
-    for node in ops_in_order(g):
-        n = g.nodes[node]
-        gather_roles = set(n["attrs"].get("gather", []))
-        for role, w in n["weights"].items():
-            if w not in uses:
-                uses[w] = []
-            uses[w].append(role in gather_roles)
-            if role not in gather_roles and w not in first:
+    seen: set[str] = set()
+    users = weight_users(g)
+    for n in ops_in_order(g):
+        node = g.nodes[n]
+        for i, t in enumerate(node["inputs"]):
+            if not is_weight(t):
+                continue
+            w = weight_name(t)
+            if w in seen or w in only:
+                continue
+            if not is_row_gather(node["op"], node["attrs"], i, len(g.graph["weights"][w].shape)):
                 first.append(w)
-    gather_only = {w for w, u in uses.items() if all(u)}
-    gathered = [w for w in uses if w in gather_only]
-    return gathered + first, gather_only
+                seen.add(w)
+    gathered = [w for w in users if w in only]
+    return gathered + first, only
 
 
 def compute_layout(g: nx.DiGraph, metadata: dict[str, str]) -> WeightsLayout:
-    """The file layout: header bytes and every tensor's absolute offset (float32 only)."""
-    order, gather_only = weights_order(g)
-    shapes = g.graph["weight_shapes"]
+    """The file layout: header bytes and every weight's absolute offset and format."""
+    order, only = weights_order(g)
+    weights = g.graph["weights"]
     rel: dict[str, tuple[int, int]] = {}
-    entries: dict[str, dict] = {"__metadata__": dict(metadata, edge_rt_layout=LAYOUT_VERSION)}
+    fmts = {n: weights[n].format for n in order if weights[n].format != "f32"}
+    meta = dict(metadata, edge_rt_layout=LAYOUT_VERSION, edge_rt_formats=json.dumps(fmts, sort_keys=True))
+    entries: dict[str, dict] = {"__metadata__": meta}
     off = 0
     pad_i = 0
     for name in order:
-        nbytes = 4
-        for d in shapes[name]:
-            nbytes *= int(d)
+        w = weights[name]
+        f = formats.get(w.format)
+        nbytes = f.nbytes(w.shape)
         if off % ALIGNMENT:
             # safetensors forbids holes, so alignment padding is a named uint8 tensor.
             pad = ALIGNMENT - off % ALIGNMENT
@@ -83,12 +97,13 @@ def compute_layout(g: nx.DiGraph, metadata: dict[str, str]) -> WeightsLayout:
             pad_i += 1
             off += pad
         rel[name] = (off, nbytes)
-        entries[name] = {"dtype": NUMPY_TO_SAFETENSORS["float32"], "shape": list(shapes[name]),
+        entries[name] = {"dtype": f.safetensors_dtype, "shape": f.stored_shape(w.shape),
                          "data_offsets": [off, off + nbytes]}
         off += nbytes
     h = json.dumps(entries, separators=(",", ":"), sort_keys=False).encode()
-    h += b" " * (_align(8 + len(h)) - 8 - len(h))
+    h += b" " * (align(8 + len(h)) - 8 - len(h))
     header = len(h).to_bytes(8, "little") + h
     start = len(header)
-    tensors = {n: WeightSlot(n, start + o, nb, tuple(shapes[n]), n in gather_only) for n, (o, nb) in rel.items()}
-    return WeightsLayout(order, tensors, header, start + off)
+    placed = {n: WeightLocation(n, start + o, nb, weights[n].format, tuple(weights[n].shape), n in only)
+              for n, (o, nb) in rel.items()}
+    return WeightsLayout(order, placed, header, start + off)

