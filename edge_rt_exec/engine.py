@@ -200,7 +200,7 @@ class Engine:
                         i: self._weight_view(w, None if p.weights[w].gather else base, g.byte_start,
                                              b.attrs["rows"] if i in tiled else None)
                         for i, w in b.op.weight_inputs()
-                        if not (p.weights[w].gather and p.weights_mode == "streamed")
+                        if not (p.weights_mode == "streamed" and (p.weights[w].gather or i in b.d.row_gather))
                     }
                 views[(g.index, s)] = per_op
         return views
@@ -301,8 +301,9 @@ class Engine:
             outs_shapes, call = hit
             shapes.update((o, sh) for o, sh in zip(op.outputs, outs_shapes) if o)
             return call
-        dtypes = [None if not t else (F.get(self.plan.weights[t[1:]].format).view_dtype if t.startswith(WEIGHT_REF)
-                                      else self.plan.buffers[t].dtype) for t in op.inputs]
+        # weights are float32 to the shape rules whatever their format (their logical dtype)
+        dtypes = [None if not t else ("float32" if t.startswith(WEIGHT_REF) else self.plan.buffers[t].dtype)
+                  for t in op.inputs]
         try:
             specs = b.d.shape(in_shapes, dtypes, values, b.attrs, len(op.outputs))
         except ShapeError as e:
@@ -368,6 +369,11 @@ class Engine:
         def read(r: int, buf: np.ndarray) -> None:
             file.read_into(off + r * row, buf, f"row {r} of weight '{name}'")
         return read
+
+    def infer(self, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on named inputs and return copies of the named outputs (default: every graph output)."""
+        self.run(feeds)
+        return {o: self.output(o).copy() for o in (outputs or [x["name"] for x in self.plan.graph["outputs"]])}
 
     def output(self, name: str) -> np.ndarray:
         """A graph tensor after the last run, with the shape it had (a view into the arena)."""

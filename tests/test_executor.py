@@ -76,7 +76,7 @@ def test_prefetch_overlaps_reads_with_compute(plans):
     try:
         assert s.engine.streamer.prefetch
         ids = s.encode_prompt("The quick brown fox")
-        s.generate(ids, max_tokens=8, stop_at_eos=False)
+        s.generate(ids, max_tokens=8, ignore_eos=True)
         st = s.engine.streamer.stats
         groups = [g for g in s.plan.groups if g.slot is not None]
         # every token reads every streamed group, and the reader runs ahead of compute
@@ -92,7 +92,7 @@ def test_validate_mode_runs_numpy_twins(plans):
     for key in ("resident", "sequential"):
         s = Session(plans[key], validate=True)
         try:
-            s.generate(s.encode_prompt("Hello there, general"), max_tokens=4, stop_at_eos=False)
+            s.generate(s.encode_prompt("Hello there, general"), max_tokens=4, ignore_eos=True)
             worst = s.engine.worst
         finally:
             s.close()
@@ -142,11 +142,11 @@ def test_plan_mismatches_are_clear(plans, tmp_path, change, needle):
 
 def test_missing_and_truncated_weights(plans, tmp_path):
     p = _copy_artifact(plans["sequential"], tmp_path / "b")
-    w = p.parent / "weights.safetensors"
+    w = p.parent / json.loads(p.read_text())["files"]["weights"]
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
     r = exec_cli("run", str(p), "--prompt", "hi")
-    assert r.returncode == 2 and "weights.safetensors" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and w.name in r.stderr and "Traceback" not in r.stderr
     w.unlink()
     r = exec_cli("run", str(p), "--prompt", "hi")
     assert r.returncode == 2 and "weights file not found" in r.stderr
@@ -190,13 +190,18 @@ def test_sampling_is_seeded(plans):
 
 
 def test_sampling_rules():
-    from edge_rt_exec.sampling import sample
+    from edge_rt_exec.sampling import SamplingParams, sample
 
     rng = np.random.default_rng(0)
     logits = np.array([0.0, 5.0, 4.9, -3.0], np.float32)
-    assert sample(logits, 0.0, 0, 1.0, rng) == 1
-    assert {sample(logits, 1.0, 2, 1.0, rng) for _ in range(50)} <= {1, 2}
-    assert {sample(logits, 1.0, 0, 0.5, rng) for _ in range(50)} == {1}
+    assert sample(logits, SamplingParams(), rng) == 1
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), rng) for _ in range(50)} <= {1, 2}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(50)} == {1}
+    # min-p keeps only tokens at least min_p as likely as the best: 4.9 is, 0.0 is not
+    assert {sample(logits, SamplingParams(temperature=1.0, min_p=0.5), rng) for _ in range(50)} == {1, 2}
+    # the repeat penalty divides a recent token's positive logit: 5.0 / 2 < 4.9, so greedy picks token 2
+    assert sample(logits, SamplingParams(repeat_penalty=2.0), rng, recent=[1]) == 2
+    assert sample(logits, SamplingParams(repeat_penalty=2.0, repeat_last_n=1), rng, recent=[1, 3]) == 1
 
 
 def test_streaming_text_matches_final_text(plans):

@@ -144,7 +144,7 @@ def test_synthetic_gpt2_logits_match_transformers(synth_plans, hf_logits, strate
     try:
         assert s.plan.weights_mode == mode
         assert len(s.plan.arena["slots"]) == slots
-        eng = s.engine
+        eng = s.decoder
         # one token per step: every position's logits
         eng.reset()
         for i, tok in enumerate(SEQ):
@@ -177,7 +177,7 @@ def test_synthetic_gpt2_greedy_matches_transformers(synth_plans, hf_gpt2):
     s = Session(plan)
     try:
         ids = s.encode_prompt("The quick brown fox jumps over the lazy dog")
-        r = s.generate(ids, max_tokens=16, temperature=0.0, stop_at_eos=False)
+        r = s.generate(ids, max_tokens=16, ignore_eos=True)
     finally:
         s.close()
     seq = list(ids)
@@ -197,9 +197,9 @@ def test_partitioning_never_changes_tokens(synth_plans):
         s = Session(plan)
         try:
             ids = s.encode_prompt(prompt)
-            r = s.generate(ids, max_tokens=16, temperature=0.0, stop_at_eos=False)
-            s.engine.reset()
-            first = s.engine.prefill(ids).copy()
+            r = s.generate(ids, max_tokens=16, ignore_eos=True)
+            s.decoder.reset()
+            first = s.decoder.prefill(ids).copy()
             results[key] = (r.tokens, first)
             modes[key] = f"{s.plan.weights_mode}/{s.plan.strategy}/{len(s.plan.groups)} groups"
         finally:
@@ -253,7 +253,7 @@ def _check_smollm2(s: Session, name: str) -> None:
     ref = next(p for p in _smollm2_fixture()["prompts"] if p["name"] == name)
     ids = s.encode_prompt(ref["text"], chat=ref["chat"])
     assert ids == ref["prompt_ids"], f"prompt ids differ from transformers' tokenizer: {ids} vs {ref['prompt_ids']}"
-    r = s.generate(ref["prompt_ids"], max_tokens=len(ref["tokens"]), temperature=0.0, stop_at_eos=False)
+    r = s.generate(ref["prompt_ids"], max_tokens=len(ref["tokens"]), ignore_eos=True)
     if r.tokens != ref["tokens"]:
         k = next((i for i, (a, b) in enumerate(zip(r.tokens, ref["tokens"])) if a != b), len(r.tokens))
         pytest.fail(f"{name} ({s.plan.strategy}, {s.plan.weights_mode}): first difference at generated token {k}: "

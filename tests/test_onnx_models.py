@@ -28,6 +28,7 @@ ort = pytest.importorskip("onnxruntime")
 from edge_rt_compiler.partition import STRATEGIES  # noqa: E402
 from edge_rt_compiler.pipeline import RUNTIME_RESERVE, CompileRequest, ModelRequest, compile_model, load_source  # noqa: E402
 from edge_rt_compiler.verify import verify_plan  # noqa: E402
+from edge_rt_exec.decoder import Decoder  # noqa: E402
 from edge_rt_exec.engine import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,8 +168,8 @@ def test_llama_with_past_steps_match_onnxruntime(work: Path, strategy: str):
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 512, 11)] + [rng.integers(0, 512, 1) for _ in range(4)]
     eng = Engine(res.plan)
+    dec = Decoder(eng)
     try:
-        eng.reset()
         total = 0
         for k, c in enumerate(chunks):
             total += len(c)
@@ -179,7 +180,7 @@ def test_llama_with_past_steps_match_onnxruntime(work: Path, strategy: str):
                 )
             )
             pasts = {n: o[n.replace("past_key_values", "present")] for n in pasts}
-            got = eng.prefill(c) if k == 0 else eng.step(c)
+            got = dec.prefill(c) if k == 0 else dec.step(c)
             err = float(np.abs(got - o["logits"][0, -1]).max())
             assert err <= ATOL, f"step {k}: logits differ from onnxruntime by {err}"
     finally:
@@ -216,7 +217,7 @@ def _greedy_reference(folder: Path, prompt: str, n: int) -> list[int]:
 def test_gpt2_with_past_generates_like_transformers(work: Path, gpt2_folder: Path, gpt2_past: Path, strategy: str):
     budget = {"greedy_grouping": 64 << 20, "sequential": 12 << 20, "speculative_prefetch": 20 << 20}[strategy]
     res = _compile(gpt2_past, work / "dec", strategy, budget, max_context=64, max_batch_tokens=16)
-    assert res.plan.model["kind"] == "decoder" and res.plan.model["onnx"]["decoder"]["kv"]
+    assert res.plan.model["kind"] == "decoder" and res.plan.graph["kv"]["mode"] == "past_present"
     r = subprocess.run(
         [
             sys.executable,

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ._copy import _CHUNK, _kdt, bind_copy_broadcast, offsets2, warm_copy
 from ._jit import I64, arr, helper, kernel, prange
-from .elementwise import _CHUNK, _kdt, _keep
+from .elementwise import _keep
 from .registry import PAR_MIN, OpDef, Sample, Site, WarmSpec, bcast_strides, broadcast, collapse, flat, register
 
 # ---- broadcasting binary maps ----------------------------------------------------------------------------------
@@ -101,20 +102,6 @@ def _binary_span(code, a, ao, sa, b, bo, sb, out, oo, n):  # noqa: C901
     elif code == B_FMOD:
         for j in range(n):
             out[oo + j] = np.fmod(np.float64(a[ao + j * sa]), np.float64(b[bo + j * sb]))
-
-
-@helper
-def offsets2(o, shape, s1, s2):
-    """Offsets into two strided operands of row `o` over dims `shape[:-1]`."""
-    p = 0
-    q = 0
-    r = o
-    for d in range(shape.size - 2, -1, -1):
-        k = r % shape[d]
-        r //= shape[d]
-        p += k * s1[d]
-        q += k * s2[d]
-    return p, q
 
 
 @kernel(error_model="numpy")
@@ -280,8 +267,6 @@ def _variadic_bind(op: str) -> Callable[[Site], Callable]:
         xs = [x for x in s.ins if x is not None]
         out = s.outs[0]
         if len(xs) == 1:
-            from .movement import bind_copy_broadcast
-
             calls = [bind_copy_broadcast(xs[0], out)]
         else:
             calls = [bind_binary(xs[0], xs[1], out, _BINARY_CODES[op])]
@@ -297,8 +282,6 @@ def _variadic_bind(op: str) -> Callable[[Site], Callable]:
 def _warm_variadic(spec: WarmSpec) -> None:
     """Loads what `_variadic_bind` calls: out = x0 (op) x1, then out = out (op) xi, Mean's divide by a
     writable scalar, and the broadcast copy of a single operand."""
-    from .movement import warm_copy
-
     ins = [(d, ro) for d, ro in zip(spec.in_dtypes, spec.readonly) if d]
     o = arr(_kdt(spec.out_dtypes[0]), 1)
     toks = [arr(_kdt(d), 1, ro=ro) for d, ro in ins]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._copy import _CHUNK, _kdt
 from ._jit import F64, I64, arr, helper, kernel, prange
 from .registry import (
     PAR_MIN,
@@ -25,8 +26,6 @@ from .registry import (
     flat,
     register,
 )
-
-_CHUNK = 1 << 13  #: elements per parallel task
 
 # ---- unary maps ------------------------------------------------------------------------------------------------
 
@@ -157,11 +156,6 @@ def _warm_unary(spec: WarmSpec) -> None:
     unary.warm(x, o, I64, F64, F64)
     if spec.big:
         unary_par.warm(x, o, I64, F64, F64)
-
-
-def _kdt(dtype: str | None) -> str:
-    """The dtype a kernel sees for a tensor dtype (bool as uint8)."""
-    return "uint8" if dtype == "bool" else str(dtype)
 
 
 def _keep(y: Any, like: np.ndarray) -> np.ndarray:

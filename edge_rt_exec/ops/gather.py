@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from .. import formats as F
+from ._copy import _kdt
 from ._jit import I64, arr, kernel, prange
-from .elementwise import _kdt
 from .registry import PAR_MIN, OpDef, Sample, ShapeError, Site, WarmSpec, flat, norm_axis, numel, register
 
 _CHUNK = 1 << 13
@@ -156,7 +156,7 @@ def _gather_sample(rng: np.random.Generator) -> list[Sample]:
 
 register(OpDef(
     name="Gather", shape=_gather_rule, twin=_gather_twin, bind=_bind_gather, warm=_warm_gather,
-    kernels=(gather, gather_par), sample=_gather_sample, attrs={"axis": 0},
+    kernels=(gather, gather_par), sample=_gather_sample, attrs={"axis": 0}, row_gather=(0,),
     doc="ONNX Gather; on a weight table (any format, resident or streamed) an embedding lookup",
 ))
 

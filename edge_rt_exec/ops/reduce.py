@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ._copy import _kdt, bind_copy, warm_copy
 from ._jit import F32, I64, arr, helper, kernel, prange
-from .elementwise import U_COPY, _kdt, bind_unary_code
-from .movement import bind_copy, warm_copy
+from .elementwise import U_COPY, bind_unary_code
 from .registry import (
     PAR_MIN,
     OpDef,

@@ -102,6 +102,9 @@ class OpDef:
     #: inputs sliced along their first axis by a `rows=[r0, r1]` attribute (a Linear's weight and bias, tiled
     #: by the partitioner when a weight exceeds a slot): the op sees rows r0..r1 only
     row_tiled: tuple[int, ...] = ()
+    #: weight inputs the op reads only some rows of (an embedding table): a streamed plan never loads them and
+    #: the op reads the rows it needs from the weights file (`Site.streamed`)
+    row_gather: tuple[int, ...] = ()
     doc: str = ""
     #: "onnx": the ONNX operator of this name (an ONNX graph may use it); "edge-rt": an op of ours that only the
     #: compiler's families and fusions emit (Linear, CausalAttention, ...)
