@@ -1,0 +1,120 @@
+"""edge-rt against llama.cpp on the same SmolLM2-135M weights in each format, side by side in one run.
+
+  python benchmarks/bench_llamacpp.py [--repeat 3] [--threads 2] [--new-tokens 64] [--formats F32,F16,Q8_0,Q4_0,Q4_1]
+
+Needs llama.cpp's Python bindings (`bash ../shared/bench/llamacpp.sh setup`, once per machine), which also make
+the F32/F16/Q8_0/Q4_0 GGUFs from the packaged Q4_1 with llama.cpp's own quantizer: every file holds the same
+model in another layout. For each format, edge-rt compiles the GGUF as it is (`quant=keep`: the file's blocks,
+never dequantized) into a resident plan, and both engines run the same prompt (the 76-token prompt of
+`llamacpp.sh`) greedily for the same number of new tokens at the same thread count. Runs are interleaved
+(format by format, engine by engine, repeat by repeat) so drift on a shared machine hits both alike;
+medians are reported. Decode tok/s counts the tokens after the first (which prefill gives); prefill ms is the
+prompt's forward pass plus the first token. Peak RSS is each process's own (`ru_maxrss`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "bench" / "llamacpp.sh"
+PROMPT = ("The Raspberry Pi is a small single-board computer. Explain step by step how a transformer language "
+          "model turns a prompt into new text, one token at a time, and why memory bandwidth matters when it "
+          "runs on such a device.")
+FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
+
+
+def sh(cmd: list[str], **kw) -> str:  # noqa: ANN003
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:5])} ... failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def gguf_paths() -> dict[str, str]:
+    out = sh(["bash", str(SHARED), "formats"])
+    paths = {}
+    for line in out.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            p = Path(v.strip())
+            paths[k.strip()] = str(p if p.is_absolute() else ROOT / p)
+    return paths
+
+
+def compile_plan(gguf: str, out: Path) -> str:
+    text = sh([sys.executable, "-m", "edge_rt_compiler.app", "model=local", f"model.path={gguf}", "budget=1G",
+               "strategy=greedy_grouping", "max_context=512", f"out_dir={out}"])
+    return [ln.split("plan: ", 1)[1] for ln in text.splitlines() if ln.startswith("plan: ")][-1]
+
+
+def run_edge_rt(plan: str, threads: int, n: int) -> dict:
+    r = json.loads(sh([sys.executable, "-m", "edge_rt_exec", "run", plan, "--prompt", PROMPT, "-n", str(n),
+                       "--ignore-eos", "--json", "--threads", str(threads)]).strip().splitlines()[-1])
+    return {"decode_tok_s": r["decode_tok_s"], "prefill_ms": r["prefill_ms"], "peak_rss_mb": r["peak_rss_mb"],
+            "prompt_tokens": r["prompt_tokens"], "tokens": r["tokens"], "baseline_rss_mb": r["baseline_rss_mb"]}
+
+
+def run_llamacpp(fmt: str, threads: int, n: int) -> dict:
+    out = sh(["bash", str(SHARED), "run", "--threads", str(threads), "--new-tokens", str(n), fmt])
+    r = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    if "error" in r:
+        raise SystemExit(f"llama.cpp {fmt}: {r['error']}")
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--json", action="store_true", help="also print every run as JSON lines")
+    args = ap.parse_args()
+    formats = args.formats.split(",")
+    paths = gguf_paths()
+    with tempfile.TemporaryDirectory(prefix="edge-rt-vs-llamacpp-") as tmp:
+        plans = {f: compile_plan(paths[f], Path(tmp) / f) for f in formats}
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(args.repeat):
+            for f in formats:
+                runs.setdefault((f, "edge-rt"), []).append(run_edge_rt(plans[f], args.threads, args.new_tokens))
+                runs.setdefault((f, "llama.cpp"), []).append(run_llamacpp(f, args.threads, args.new_tokens))
+    if args.json:
+        for (f, eng), rs in runs.items():
+            for r in rs:
+                print(json.dumps({"format": f, "engine": eng, **{k: v for k, v in r.items() if k != "tokens"}}))
+
+    def med(f: str, eng: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs[(f, eng)]))
+
+    print(f"SmolLM2-135M, {args.threads} threads, {args.new_tokens} new tokens, medians of {args.repeat} interleaved "
+          "runs (llama.cpp: each run is itself the median of 3 in one process)")
+    print("| format | edge-rt decode tok/s | llama.cpp decode tok/s | decode ratio | edge-rt prefill ms | "
+          "llama.cpp prefill ms | prefill ratio (llama.cpp / edge-rt) | edge-rt peak RSS MB (baseline) | "
+          "llama.cpp peak RSS MB | prompt tokens | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for f in formats:
+        e_dec, l_dec = med(f, "edge-rt", "decode_tok_s"), med(f, "llama.cpp", "decode_tok_s")
+        e_pre, l_pre = med(f, "edge-rt", "prefill_ms"), med(f, "llama.cpp", "prefill_ms")
+        e = runs[(f, "edge-rt")][0]
+        ll = runs[(f, "llama.cpp")][0]
+        same = e["tokens"][:32] == ll["tokens"][:32]
+        first_diff = next((i for i, (a, b) in enumerate(zip(e["tokens"], ll["tokens"])) if a != b), None)
+        rss = f"{med(f, 'edge-rt', 'peak_rss_mb'):.0f} ({med(f, 'edge-rt', 'baseline_rss_mb'):.0f})"
+        print(f"| {f} | {e_dec:.1f} | {l_dec:.1f} | {e_dec / l_dec:.2f}x | {e_pre:.0f} | {l_pre:.0f} | "
+              f"{l_pre / e_pre:.2f}x | {rss} | {med(f, 'llama.cpp', 'peak_rss_mb'):.0f} | "
+              f"{e['prompt_tokens']} / {ll['prompt_tokens']} | {'32/32' if same else f'first {first_diff}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
