@@ -97,6 +97,10 @@ class _Bound:
     tainted_values: bool  #: a value input depends on input data
     memo: dict[Any, tuple[list, Callable]] = field(default_factory=dict)  #: (in shapes, values, slot) -> call
 
+    def __post_init__(self) -> None:
+        self.buffers = tuple(self.op.buffer_inputs())  #: the buffers it reads
+        self.outs = tuple(o for o in self.op.outputs if o)
+
 
 @dataclass
 class _Program:
@@ -104,6 +108,38 @@ class _Program:
 
     shapes: dict[str, Shape]
     calls: dict[tuple[int, int], list[Callable[[], Any]]] = field(default_factory=dict)
+
+
+class _Delta:
+    """What changed since the program `base` ran, as a run goes (programs of cacheable plans only: no shape
+    depends on input data). An op keeps its call from `base` unless one of its inputs changed shape or one of
+    its value inputs (a Reshape target, Slice starts) may hold other values; an op bound again makes its
+    outputs' values 'may have changed', and so does any op reading such a value."""
+
+    def __init__(self, base: _Program, shapes: dict[str, Shape]) -> None:
+        self.base = base
+        self.shapes: set[str] = {t for t, sh in shapes.items() if base.shapes.get(t) != sh}
+        self.values: set[str] = set(self.shapes)
+
+    def unchanged(self, b: _Bound) -> bool:
+        ins = b.buffers
+        if any(t in self.shapes for t in ins):
+            return False
+        return not any(b.op.inputs[i] in self.values for i in b.value_idx if i < len(b.op.inputs))
+
+    def keep(self, b: _Bound, shapes: dict[str, Shape]) -> None:
+        base = self.base.shapes
+        for o in b.outs:
+            shapes[o] = base[o]
+        if any(t in self.values for t in b.buffers):
+            self.values.update(b.outs)
+
+    def rebound(self, b: _Bound, shapes: dict[str, Shape]) -> None:
+        base = self.base.shapes
+        for o in b.outs:
+            if base.get(o) != shapes.get(o):
+                self.shapes.add(o)
+        self.values.update(b.outs)
 
 
 class Engine:
@@ -146,6 +182,7 @@ class Engine:
         for b in self.ops:
             b.tainted_values = any(b.op.inputs[i] in self._tainted for i in b.value_idx if i < len(b.op.inputs))
         self._programs: OrderedDict[Any, _Program] = OrderedDict()
+        self._last: _Program | None = None
         self.shapes: dict[str, Shape] = dict(self.const_shapes)  #: every tensor's shape in the last run
 
     # ---- load ----------------------------------------------------------------------------------------------------
@@ -225,21 +262,25 @@ class Engine:
         shapes = self.bind_inputs(feeds, in_place or {})
         key = tuple(shapes[i["name"]] for i in self.plan.graph["inputs"])
         prog = self._programs.get(key)
-        cacheable = True
-        if prog is None:
+        if prog is not None:
+            self._programs.move_to_end(key)
+            self._execute(prog, None)
+        else:
             prog = _Program(shapes)
             cacheable = not any(b.tainted_values for b in self.ops)
-        else:
-            self._programs.move_to_end(key)
-        self._execute(prog)
+            # Shapes that changed since the last run decide which ops must be bound again; the others keep
+            # their calls (an ONNX decoder's past grows every step, but most of its ops do not see it).
+            base = self._last if cacheable else None
+            self._execute(prog, _Delta(base, shapes) if base is not None else None)
+            if cacheable:
+                self._programs[key] = prog
+                while len(self._programs) > PROGRAMS_KEPT:
+                    self._programs.popitem(last=False)
+        self._last = prog
         self.shapes = prog.shapes
-        if cacheable and key not in self._programs:
-            self._programs[key] = prog
-            while len(self._programs) > PROGRAMS_KEPT:
-                self._programs.popitem(last=False)
         self.timings.steps += 1
 
-    def _execute(self, prog: _Program) -> None:
+    def _execute(self, prog: _Program, delta: _Delta | None) -> None:
         p = self.plan
         i = -1
         try:
@@ -248,9 +289,17 @@ class Engine:
                 calls = prog.calls.get((g.index, s))
                 t0 = time.perf_counter()
                 if calls is None:  # first run of these shapes in this slot: bind each op, then run it
+                    base = delta.base.calls.get((g.index, s)) if delta is not None else None
                     calls = []
                     for i in range(g.op_start, g.op_end):
-                        c = self._bind(self.ops[i], prog.shapes, g.index, s)
+                        b = self.ops[i]
+                        if base is not None and delta is not None and delta.unchanged(b):
+                            c = base[i - g.op_start]
+                            delta.keep(b, prog.shapes)
+                        else:
+                            c = self._bind(b, prog.shapes, g.index, s)
+                            if delta is not None:
+                                delta.rebound(b, prog.shapes)
                         c()
                         calls.append(c)
                     prog.calls[(g.index, s)] = calls
