@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ._jit import DOT_FLAGS, F32, F64, I64, arr, helper, kernel, prange
+from ._half import get_f16, get_f32, put_f16, put_f32
+from ._jit import DOT_FLAGS, F32, F64, I64, U16, arr, helper, kernel, prange
 from .reduce import softmax_line
 from .registry import OpDef, Sample, ShapeError, Site, register
 
@@ -50,17 +51,9 @@ def _rope_rows(x, positions, inv_freq, n_heads, head_dim):
                 x[i, a + half] = x2 * c + x1 * s
 
 
-@kernel("void", arr(F32, 2), arr(F32, 2), arr(F32, 2, ro=True), arr(F32, 3), arr(F32, 3), arr(I64, 1, ro=True),
-        arr(F32, 1, ro=True), I64, I64, I64, F64, arr(F32, 2), arr(F32, 2), parallel=True, fastmath=DOT_FLAGS)
-def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale,
-                     scratch, out):
-    """Decoder self-attention for `n` new tokens at consecutive `positions`.
-
-    `q, out[n, H*hd]`, `k, v[n, Hkv*hd]`; caches `[Hkv, T_max, hd]`; `inv_freq[hd/2]` (empty: no RoPE);
-    `scratch[>= H, T_max]`. Rotates q and k in place, writes k, v into cache rows `positions`, then query i
-    attends over cache rows `0 .. positions[i]`. Query head h reads kv head `h // (H // Hkv)`. Parallel over
-    heads. `out` must not alias q.
-    """
+@helper
+def _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
+            get, put):
     n = q.shape[0]
     n_kv, t_max, hd = k_cache.shape
     if (hd != head_dim or n_kv != n_kv_heads or n_heads % n_kv_heads != 0 or v_cache.shape[0] != n_kv
@@ -83,9 +76,11 @@ def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_
         _rope_rows(k, positions, inv_freq, n_kv, hd)
     for h in range(n_kv):
         for i in range(n):
+            kr = k_cache[h, pos0 + i]
+            vr = v_cache[h, pos0 + i]
             for d in range(hd):
-                k_cache[h, pos0 + i, d] = k[i, h * hd + d]
-                v_cache[h, pos0 + i, d] = v[i, h * hd + d]
+                put(kr, d, k[i, h * hd + d])
+                put(vr, d, v[i, h * hd + d])
     group = n_heads // n_kv
     s = np.float32(scale)
     for h in prange(n_heads):
@@ -97,7 +92,11 @@ def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_
             length = pos0 + i + 1
             qi = q[i]
             for t in range(length):
-                sc[t] = _dot(qi, q0, kc[t], 0, hd) * s
+                kt = kc[t]
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += qi[q0 + d] * get(kt, d)
+                sc[t] = acc * s
             softmax_line(sc, sc, 0, length, 1, False)
             oi = out[i]
             for d in range(hd):
@@ -106,7 +105,34 @@ def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_
                 p = sc[t]
                 vt = vc[t]
                 for d in range(hd):
-                    oi[q0 + d] += p * vt[d]
+                    oi[q0 + d] += p * get(vt, d)
+
+
+_CAUSAL_ARGS = (arr(F32, 2), arr(F32, 2), arr(F32, 2, ro=True))
+_CAUSAL_REST = (arr(I64, 1, ro=True), arr(F32, 1, ro=True), I64, I64, I64, F64, arr(F32, 2), arr(F32, 2))
+
+
+@kernel("void", *_CAUSAL_ARGS, arr(F32, 3), arr(F32, 3), *_CAUSAL_REST, parallel=True, fastmath=DOT_FLAGS)
+def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale,
+                     scratch, out):
+    """Decoder self-attention for `n` new tokens at consecutive `positions`.
+
+    `q, out[n, H*hd]`, `k, v[n, Hkv*hd]`; caches `[Hkv, T_max, hd]`; `inv_freq[hd/2]` (empty: no RoPE);
+    `scratch[>= H, T_max]`. Rotates q and k in place, writes k, v into cache rows `positions`, then query i
+    attends over cache rows `0 .. positions[i]`. Query head h reads kv head `h // (H // Hkv)`. Parallel over
+    heads. `out` must not alias q.
+    """
+    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
+            get_f32, put_f32)
+
+
+@kernel("void", *_CAUSAL_ARGS, arr(U16, 3), arr(U16, 3), *_CAUSAL_REST, parallel=True, fastmath=DOT_FLAGS)
+def causal_attention_f16(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale,
+                         scratch, out):
+    """`causal_attention` with a float16 KV cache (stored as uint16): keys and values are rounded to half
+    precision when written (nearest even) and widened when read; the rest is float32."""
+    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
+            get_f16, put_f16)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
@@ -174,7 +200,11 @@ def _masked_softmax(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 def causal_attention_twin(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                           positions: np.ndarray, *, n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                           rope: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(out, new k_cache, new v_cache): RoPE on q, k; k, v written at `positions`; causal GQA attention."""
+    """(out, new k_cache, new v_cache): RoPE on q, k; k, v written at `positions`; causal GQA attention. A float16
+    cache (stored as uint16) holds k and v rounded to half precision."""
+    half = k_cache.dtype == np.uint16
+    if half:
+        k_cache, v_cache = k_cache.view(np.float16).astype(_F32), v_cache.view(np.float16).astype(_F32)
     n = q.shape[0]
     pos0 = int(positions[0])
     if rope:
@@ -182,6 +212,8 @@ def causal_attention_twin(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: 
         q = apply_rope(q, positions, inv, n_heads, head_dim)
         k = apply_rope(k, positions, inv, n_kv_heads, head_dim)
     k_cache, v_cache = k_cache.copy(), v_cache.copy()
+    if half:
+        k, v = k.astype(np.float16).astype(_F32), v.astype(np.float16).astype(_F32)
     k_cache[:, pos0:pos0 + n] = k.reshape(n, n_kv_heads, head_dim).transpose(1, 0, 2)  # [n, Hkv*hd] -> [Hkv, n, hd]
     v_cache[:, pos0:pos0 + n] = v.reshape(n, n_kv_heads, head_dim).transpose(1, 0, 2)
     t = pos0 + n
@@ -192,7 +224,10 @@ def causal_attention_twin(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: 
     scores = (qh @ kk.transpose(0, 2, 1)) * _F32(scale)  # [H, n, hd] @ [H, hd, t] -> [H, n, t]
     allowed = np.arange(t)[None, :] <= (pos0 + np.arange(n))[:, None]  # [n, t]
     out = _masked_softmax(scores, allowed) @ vv  # [H, n, t] @ [H, t, hd] -> [H, n, hd]
-    return out.transpose(1, 0, 2).reshape(n, n_heads * head_dim).astype(_F32), k_cache, v_cache
+    out = out.transpose(1, 0, 2).reshape(n, n_heads * head_dim).astype(_F32)
+    if half:
+        k_cache, v_cache = k_cache.astype(np.float16).view(np.uint16), v_cache.astype(np.float16).view(np.uint16)
+    return out, k_cache, v_cache
 
 
 def _causal_rule(s: list, d: list, v: dict, a: dict, n: int) -> list:
@@ -218,7 +253,8 @@ def _causal_bind(s: Site) -> Callable:
     rope = a["rope"]
     inv = rope_inv_freq(a["head_dim"], rope["theta"], rope.get("scaling")) if rope else np.zeros(0, _F32)
     scratch = s.scratch[0][:a["n_heads"] * kc.shape[1]].reshape(a["n_heads"], kc.shape[1])
-    fn, out = causal_attention.load(), s.outs[0]
+    fn = (causal_attention_f16 if kc.dtype == np.uint16 else causal_attention).load()
+    out = s.outs[0]
     H, Hkv, hd, scale = a["n_heads"], a["n_kv_heads"], a["head_dim"], float(a["scale"])
     return lambda: fn(q, k, v, kc, vc, pos, inv, H, Hkv, hd, scale, scratch, out)
 
@@ -235,6 +271,8 @@ def _causal_sample(rng: np.random.Generator) -> list[Sample]:
         H, Hkv, hd, T = 4, 2, 8, 16
         kc = rng.standard_normal((Hkv, T, hd)).astype(_F32)
         vc = rng.standard_normal((Hkv, T, hd)).astype(_F32)
+        if n == 3:  # a float16 cache
+            kc, vc = kc.astype(np.float16).view(np.uint16), vc.astype(np.float16).view(np.uint16)
         ins = [rng.standard_normal((n, H * hd)).astype(_F32), rng.standard_normal((n, Hkv * hd)).astype(_F32),
                rng.standard_normal((n, Hkv * hd)).astype(_F32), kc, vc, np.arange(pos0, pos0 + n, dtype=np.int64)]
         out.append(Sample(ins, {"n_heads": H, "n_kv_heads": Hkv, "head_dim": hd, "scale": hd ** -0.5, "rope": rope}))
@@ -244,7 +282,8 @@ def _causal_sample(rng: np.random.Generator) -> list[Sample]:
 register(OpDef(
     name="CausalAttention", shape=_causal_rule,
     twin=lambda ins, a, n: list(causal_attention_twin(*ins[:6], **a))[:1], bind=_causal_bind,
-    warm=lambda spec: causal_attention.load(), kernels=(causal_attention,), sample=_causal_sample,
+    warm=lambda spec: (causal_attention_f16 if spec.in_dtypes[3] == "uint16" else causal_attention).load(),
+    kernels=(causal_attention, causal_attention_f16), sample=_causal_sample,
     attrs={"n_heads": None, "n_kv_heads": None, "head_dim": None, "scale": None, "rope": None},
     required=("n_heads", "n_kv_heads", "head_dim", "scale"),
     scratch=_causal_scratch, flops=_causal_flops,
