@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ._ir import _Lazy, ir_tools
 from ._jit import helper
-from ._quant import _Lazy, ir_tools
 
 
 def _build_f16_to_f32() -> Any:

@@ -1,186 +1,36 @@
-"""Shared numba pieces of the ggml block formats: per-format row decode and dot products, and the gather kernels
-that dequantize embedding rows (`dequant_rows_<fmt>`, `dequant_row_bytes_<fmt>`).
+"""Shared numba pieces of the ggml block formats: per-format row decode and dot products, the f32 register tile
+of the prefill kernels, and the gather kernels that dequantize embedding rows (`dequant_rows_<fmt>`,
+`dequant_row_bytes_<fmt>`).
 
 Why the inner loops are LLVM IR (numba intrinsics) and not plain numba loops: a ggml block is 32 weights behind
 one fp16 scale. Written as numba loops (`for b in range(nb): for j in range(16): ...`), LLVM fully unrolls the
 16-wide inner loop and then either leaves it scalar (numba runs LLVM with the SLP vectorizer off) or vectorizes
 the *block* loop with gathers. Measured on Zen4 (q4_0 1536x576 decode matvec, 2 threads): plain numba variants
-reached 2-10 G weights/s; the same loop written here as explicit `<16 x float>` LLVM IR reaches 22. The IR uses
-only generic LLVM vector operations (no x86 intrinsics): `fpext half`, `sitofp`, `llvm.fma`, shuffles. LLVM
-lowers them to AVX-512/AVX2 on x86 and NEON on aarch64, and since every sum is spelled out (an `llvm.fma` per
-lane, a fixed shuffle tree for the horizontal sum) the results are bit-identical on every target.
+reached 2-10 G weights/s; the same loop written here as explicit `<16 x float>` LLVM IR reaches 30. The IR uses
+only generic LLVM vector operations (no x86 intrinsics): `fpext half`, `zext`/`sitofp`, `llvm.fma`, shuffles;
+LLVM lowers them to AVX-512/AVX2 on x86 and NEON on aarch64 (checked under qemu, cortex-a72). The row decode
+and dot products spell every sum out (one `llvm.fma` per lane of a fixed 16 lanes, a fixed shuffle tree), so
+their results are bit-identical on every target; the prefill tile sizes its lanes to the target's registers
+(16 / 8 / 4), so prefill sums differ across targets in the last bits.
 
 Laziness: an intrinsic here is a `_Lazy` object. numba asks it for its type (`_numba_type_`) when it types a
 kernel that calls it, so llvmlite and numba are imported, and the IR builders run, only when a kernel is compiled;
 a kernel loaded from numba's cache never builds them. Callers pass contiguous arrays whose sizes they have
 checked (the intrinsics do no bounds checking): a row's bytes and `x`/`out` of `k` float32.
+
+Caution: numba's cache checks only the source file of the kernel itself, so after editing the IR here, delete
+the cached `matmul.*` kernels (NUMBA_CACHE_DIR) or they keep the old code.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from .. import formats
+from ._ir import _IR, _Lazy, ir_tools
 from ._jit import F32, I64, U8, U16, arr, helper, kernel
 
 QK = formats.QK  #: weights per block
-_LOCK = threading.RLock()
-
-
-class _Lazy:
-    """A numba intrinsic (or numba-typed function) built on first use by numba's type inference."""
-
-    def __init__(self, build: Callable[[], Any], name: str) -> None:
-        self._build, self.__name__, self._real = build, name, None
-
-    @property
-    def _numba_type_(self) -> Any:
-        with _LOCK:
-            if self._real is None:
-                self._real = self._build()
-            from numba.core.registry import cpu_target
-
-            ctx = cpu_target.typing_context
-            ctx.refresh()  # pick up the templates the new intrinsic registered
-            return ctx.resolve_value_type(self._real)
-
-    def __call__(self, *args: Any) -> Any:
-        raise TypeError(f"{self.__name__} is a numba intrinsic: call it from a kernel")
-
-    def __repr__(self) -> str:
-        return f"<lazy intrinsic {self.__name__}>"
-
-
-def _thread_id_fn() -> Any:
-    import numba
-
-    return numba.get_thread_id
-
-
-#: `thread_id()` inside a parallel region: 0 .. numba.get_num_threads() - 1 (indexes per-thread scratch)
-thread_id = _Lazy(_thread_id_fn, "thread_id")
-
-
-# ---- the IR toolbox (built once, by the first intrinsic numba types) -----------------------------------------
-
-class _IR:
-    """llvmlite helpers: vector types, constants, fma, loads and the fixed-order horizontal sums."""
-
-    VW = 16  #: lanes of the block vectors: a block is two of them (low and high nibbles / halves)
-
-    def __init__(self) -> None:
-        from llvmlite import ir
-        from numba.core import cgutils, types
-        from numba.extending import intrinsic
-
-        self.ir, self.cgutils, self.types, self.intrinsic = ir, cgutils, types, intrinsic
-        self.f32, self.f16 = ir.FloatType(), ir.HalfType()
-        self.i8, self.i16, self.i32, self.i64 = (ir.IntType(b) for b in (8, 16, 32, 64))
-        self.vf = ir.VectorType(self.f32, self.VW)
-
-    def vec(self, t: Any, n: int) -> Any:
-        return self.ir.VectorType(t, n)
-
-    def const(self, t: Any, v: Any) -> Any:
-        if isinstance(t, self.ir.VectorType):
-            return self.ir.Constant(t, [v] * t.count)
-        return self.ir.Constant(t, v)
-
-    def idx(self, v: int) -> Any:
-        return self.ir.Constant(self.i64, v)
-
-    def splat(self, b: Any, s: Any, n: int | None = None) -> Any:
-        n = n or self.VW
-        vt = self.vec(s.type, n)
-        v = b.insert_element(self.ir.Constant(vt, self.ir.Undefined), s, self.ir.Constant(self.i32, 0))
-        return b.shuffle_vector(v, self.ir.Constant(vt, self.ir.Undefined),
-                                self.ir.Constant(self.vec(self.i32, n), [0] * n))
-
-    def shuffle(self, b: Any, u: Any, v: Any, lanes: list[int]) -> Any:
-        return b.shuffle_vector(u, v, self.ir.Constant(self.vec(self.i32, len(lanes)), lanes))
-
-    def fma(self, b: Any, x: Any, y: Any, z: Any) -> Any:
-        """`x * y + z` rounded once (llvm.fma: exact, and the same on every target)."""
-        t = x.type
-        name = f"llvm.fma.v{t.count}f32" if isinstance(t, self.ir.VectorType) else "llvm.fma.f32"
-        fn = b.module.globals.get(name)
-        if fn is None:
-            fn = self.ir.Function(b.module, self.ir.FunctionType(t, [t, t, t]), name=name)
-        return b.call(fn, [x, y, z])
-
-    def ptr(self, b: Any, base: Any, byte_off: Any, t: Any) -> Any:
-        """A `t*` at `base + byte_off` bytes."""
-        p = b.gep(b.bitcast(base, self.i8.as_pointer()), [byte_off])
-        return b.bitcast(p, t.as_pointer())
-
-    def load(self, b: Any, base: Any, byte_off: Any, t: Any, align: int = 1) -> Any:
-        return b.load(self.ptr(b, base, byte_off, t), align=align)
-
-    def store(self, b: Any, v: Any, base: Any, byte_off: Any, align: int = 1) -> None:
-        b.store(v, self.ptr(b, base, byte_off, v.type), align=align)
-
-    def half(self, b: Any, base: Any, byte_off: Any) -> Any:
-        """The fp16 at `base + byte_off` as float32 (`fpext`: F16C on x86, `fcvt` on aarch64)."""
-        h = self.load(b, base, byte_off, self.i16)
-        return b.fpext(b.bitcast(h, self.f16), self.f32)
-
-    def halves(self, b: Any, base: Any, byte_off: Any, n: int) -> Any:
-        v = self.load(b, base, byte_off, self.vec(self.i16, n))
-        return b.fpext(b.bitcast(v, self.vec(self.f16, n)), self.vec(self.f32, n))
-
-    def hsum(self, b: Any, v: Any) -> Any:
-        """Sum of the lanes of `v` in a fixed tree order (halves added until one lane is left)."""
-        n = v.type.count
-        while n > 1:
-            h = n // 2
-            v = b.fadd(self.shuffle(b, v, v, list(range(h))), self.shuffle(b, v, v, list(range(h, n))))
-            n = h
-        return b.extract_element(v, self.ir.Constant(self.i32, 0))
-
-    def transpose_sum(self, b: Any, vs: list) -> list:
-        """Horizontal sums of many vectors at once: `vs` (each of L lanes, L a power of two) -> vectors whose
-        lanes, in order, are `sum(vs[0]), sum(vs[1]), ...` (L sums per vector). Pairs of vectors are folded
-        half onto half (one shuffle pair and one add per pair and level) instead of one tree per vector."""
-        L = vs[0].type.count
-        items = [(v, 1) for v in vs]  # (vector, sums it holds): each sum spread over L // sums lanes
-        while len(items) > 1 and items[0][1] < L:
-            nxt = []
-            for a in range(0, len(items), 2):
-                (u, g), (w, _) = items[a], items[a + 1]
-                span = L // g  # lanes per sum
-                lo = [q * span + e for q in range(g) for e in range(span // 2)]
-                hi = [i + span // 2 for i in lo]
-                nxt.append((b.fadd(self.shuffle(b, u, w, lo + [L + i for i in lo]),
-                                   self.shuffle(b, u, w, hi + [L + i for i in hi])), 2 * g))
-            items = nxt
-        out = []
-        for v, g in items:
-            span = L // g
-            while span > 1:  # finish sums still spread over several lanes (fewer vectors than lanes)
-                lo = [q * span + e for q in range(g) for e in range(span // 2)]
-                v = b.fadd(self.shuffle(b, v, v, lo), self.shuffle(b, v, v, [i + span // 2 for i in lo]))
-                L, span = len(lo), span // 2
-            out.append(v)
-        return out
-
-    def array(self, context: Any, b: Any, ty: Any, val: Any) -> Any:
-        return context.make_array(ty)(context, b, val)
-
-    def length(self, b: Any, a: Any) -> Any:
-        return b.extract_value(a.shape, 0)
-
-
-_TOOLS: list[_IR] = []
-
-
-def ir_tools() -> _IR:
-    """The shared `_IR` (numba and llvmlite are imported here, on first use)."""
-    with _LOCK:
-        if not _TOOLS:
-            _TOOLS.append(_IR())
-        return _TOOLS[0]
 
 
 # ---- per-format block decode (IR) ----------------------------------------------------------------------------
@@ -192,21 +42,25 @@ _GEOM = {"q8_0": (formats.Q8_0.block_bytes, 2), "q4_0": (formats.Q4_0.block_byte
 
 def _decode_block(T: _IR, b: Any, fmt: str, base: Any, off: Any) -> tuple:
     """IR: the block at `base + off` -> (lo, hi, d, m): its weights 0..15 and 16..31 as `<16 x float>` of
-    integer values, the scale, and (q4_1) the minimum; weight j = d * q_j (+ m)."""
-    vi8 = T.vec(T.i8, 16)
-    d = T.half(b, base, off)
+    integer values, the scale and (q4_1) the minimum splat over 16 lanes; weight j = d * q_j (+ m).
+
+    Nibbles are split after widening to 32-bit lanes (one zero-extend, then a 32-bit and / shift: x86 has no
+    byte shifts), and the fp16 scale is splat as a half vector and widened once (`vcvtph2ps`): both measured
+    faster than splitting bytes and splatting a scalar."""
+    d = T.half_splat(b, base, off)
     if fmt == "q8_0":
         q = T.load(b, base, b.add(off, T.idx(2)), T.vec(T.i8, 32))
         lo = b.sitofp(T.shuffle(b, q, q, list(range(16))), T.vf)
         hi = b.sitofp(T.shuffle(b, q, q, list(range(16, 32))), T.vf)
         return lo, hi, d, None
+    vi32 = T.vec(T.i32, 16)
     qoff = 2 if fmt == "q4_0" else 4
-    q = T.load(b, base, b.add(off, T.idx(qoff)), vi8)
-    lo, hi = b.and_(q, T.const(vi8, 15)), b.lshr(q, T.const(vi8, 4))  # byte j: weights j (low), j + 16 (high)
+    q = b.zext(T.load(b, base, b.add(off, T.idx(qoff)), T.vec(T.i8, 16)), vi32)
+    lo, hi = b.and_(q, T.const(vi32, 15)), b.lshr(q, T.const(vi32, 4))  # byte j: weights j (low), j + 16 (high)
     if fmt == "q4_0":
-        lo, hi = b.sub(lo, T.const(vi8, 8)), b.sub(hi, T.const(vi8, 8))
+        lo, hi = b.sub(lo, T.const(vi32, 8)), b.sub(hi, T.const(vi32, 8))
         return b.sitofp(lo, T.vf), b.sitofp(hi, T.vf), d, None
-    return b.uitofp(lo, T.vf), b.uitofp(hi, T.vf), d, T.half(b, base, b.add(off, T.idx(2)))
+    return b.sitofp(lo, T.vf), b.sitofp(hi, T.vf), d, T.half_splat(b, base, b.add(off, T.idx(2)))
 
 
 def _build_dot(fmt: str) -> Any:
@@ -242,10 +96,11 @@ def _build_dot(fmt: str) -> Any:
                 xo = b.mul(blk, T.idx(QK * 4))
                 xl = T.load(b, xp, xo, T.vf, 4)
                 xh = T.load(b, xp, b.add(xo, T.idx(64)), T.vf, 4)
-                t = T.fma(b, hi, xh, b.fmul(lo, xl))  # sum_j q_j x_j, lane-wise
-                b.store(T.fma(b, t, T.splat(b, d), b.load(acc)), acc)
-                if m is not None:  # + m * sum_j x_j
-                    b.store(T.fma(b, b.fadd(xl, xh), T.splat(b, m), b.load(accm)), accm)
+                if m is None:  # d * sum_j q_j x_j, lane-wise
+                    b.store(T.fma(b, T.fma(b, hi, xh, b.fmul(lo, xl)), d, b.load(acc)), acc)
+                else:  # q4_1: weights d * q + m, one chain per half of the block
+                    b.store(T.fma(b, T.fma(b, lo, d, m), xl, b.load(acc)), acc)
+                    b.store(T.fma(b, T.fma(b, hi, d, m), xh, b.load(accm)), accm)
             total = b.load(acc)
             if fmt == "q4_1":
                 total = b.fadd(total, b.load(accm))
@@ -283,12 +138,10 @@ def _build_deq(fmt: str) -> Any:
             with T.cgutils.for_range(b, b.sdiv(k, T.idx(QK))) as loop:
                 blk = loop.index
                 lo, hi, d, m = _decode_block(T, b, fmt, rp, b.mul(blk, T.idx(bb)))
-                dv = T.splat(b, d)
                 if m is None:
-                    lo, hi = b.fmul(lo, dv), b.fmul(hi, dv)
+                    lo, hi = b.fmul(lo, d), b.fmul(hi, d)
                 else:
-                    mv = T.splat(b, m)
-                    lo, hi = T.fma(b, lo, dv, mv), T.fma(b, hi, dv, mv)
+                    lo, hi = T.fma(b, lo, d, m), T.fma(b, hi, d, m)
                 oo = b.mul(blk, T.idx(QK * 4))
                 T.store(b, lo, op, oo, 4)
                 T.store(b, hi, op, b.add(oo, T.idx(64)), 4)
@@ -368,16 +221,30 @@ def _build_tile() -> Any:
                 for (i, j), a in tails.items():
                     b.store(T.fma(b, xv[i], wv[j], b.load(a)), a)
             has_bias = b.icmp_signed(">", b.extract_value(ba.shape, 0), T.idx(0))
-            for (i, j), a in tails.items():
-                ok = b.and_(b.icmp_signed("<", T.idx(i), ntv), b.icmp_signed("<", T.idx(j), nrv))
-                with b.if_then(ok):
-                    v = b.load(a)
-                    with b.if_then(has_bias):
-                        bv = T.load(b, ba.data, b.mul(b.add(b0v, T.idx(j)), T.idx(4)), T.f32, 4)
-                        b.store(b.fadd(v, bv), a)
-                    row = b.mul(b.add(t0v, T.idx(i)), os_)
-                    col = b.mul(b.add(c0v, T.idx(j)), T.idx(4))
-                    T.store(b, b.load(a), oa.data, b.add(row, col), 4)
+            full = b.icmp_signed("==", nrv, T.idx(TILE_R))
+            vr = T.vec(T.f32, TILE_R)
+            for i in range(TILE_T):
+                row = b.mul(b.add(t0v, T.idx(i)), os_)
+                with b.if_then(b.icmp_signed("<", T.idx(i), ntv)):
+                    with b.if_else(full) as (whole, part):
+                        with whole:  # the usual case: TILE_R contiguous outputs, one vector store
+                            v = ir.Constant(vr, ir.Undefined)
+                            for j in range(TILE_R):
+                                v = b.insert_element(v, b.load(tails[(i, j)]), ir.Constant(T.i32, j))
+                            vs = T.cgutils.alloca_once_value(b, v)
+                            with b.if_then(has_bias):
+                                bv = T.load(b, ba.data, b.mul(b0v, T.idx(4)), vr, 4)
+                                b.store(b.fadd(b.load(vs), bv), vs)
+                            T.store(b, b.load(vs), oa.data, b.add(row, b.mul(c0v, T.idx(4))), 4)
+                        with part:  # the last rows of a weight: element by element
+                            for j in range(TILE_R):
+                                a = tails[(i, j)]
+                                with b.if_then(b.icmp_signed("<", T.idx(j), nrv)):
+                                    with b.if_then(has_bias):
+                                        bv = T.load(b, ba.data, b.mul(b.add(b0v, T.idx(j)), T.idx(4)), T.f32, 4)
+                                        b.store(b.fadd(b.load(a), bv), a)
+                                    col = b.mul(b.add(c0v, T.idx(j)), T.idx(4))
+                                    T.store(b, b.load(a), oa.data, b.add(row, col), 4)
             return context.get_dummy_value()
 
         i64 = T.types.int64
@@ -414,10 +281,11 @@ def _check_rows(row_nbytes, ids, out, block, block_bytes):
 
 @helper
 def _row_id(ids, i, vocab):
+    """ids[i] as a row: ONNX Gather's range [-V, V), negative ids counting from the end; else IndexError."""
     r = ids[i]
-    if r < 0 or r >= vocab:
-        raise IndexError("dequant_rows: id out of range [0, V)")
-    return r
+    if r < -vocab or r >= vocab:
+        raise IndexError("dequant_rows: id out of range [-V, V)")
+    return r + vocab if r < 0 else r
 
 
 @helper
@@ -435,7 +303,7 @@ _F32B, _F16B, _Q80B, _Q40B, _Q41B = (_B[f] for f in ("f32", "f16", "q8_0", "q4_0
 
 @kernel("void", arr(F32, 2, ro=True), _RO_IDS, arr(F32, 2))
 def dequant_rows_f32(table, ids, out):
-    """`out[i] = table[ids[i]]` (f32 table); an id outside [0, V) raises IndexError (no wrap-around)."""
+    """`out[i] = table[ids[i]]` (f32 table); ids in [-V, V) (negative from the end), others raise IndexError."""
     _check_rows(table.shape[1] * 4, ids, out, _F32B[0], _F32B[1])
     for i in range(ids.shape[0]):
         deq_f32(table[_row_id(ids, i, table.shape[0])], out[i])

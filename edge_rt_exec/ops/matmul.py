@@ -1,26 +1,8 @@
-"""The matrix products: `Linear` (an edge-rt op: `x @ weight.T + bias` with the weight in any weight format),
-and ONNX `MatMul` and `Gemm` (activations times activations; a constant-weight MatMul/Gemm is fused into Linear
-by the compiler).
+"""ONNX `MatMul` and `Gemm`: products of activations (any numeric dtype, numpy broadcasting over batch dims).
+A MatMul or Gemm with a constant weight becomes `Linear` (`linear.py`) in the compiler's fuse_linear pass.
 
-Linear's kernels, one pair per weight format `fmt` (`f32`, `f16`, `q8_0`, `q4_0`, `q4_1`), all reading the
-weight in place in its stored layout (ggml blocks for the quantized formats, zero copy):
-
-* `linear_vec_<fmt>(x[k], w, bias, out[M], col0)`, decode (one token): memory-bound, each weight byte is read
-  once. Rows are split into chunks of `VEC_ROWS` over the thread pool; each row is one dot product
-  (`_quant.dot_<fmt>`: decode a 32-weight block into two 16-lane float vectors, multiply by x, scale).
-* `linear_mat_<fmt>(x[n, k], w, bias, out[n, M], col0, scratch)`, prefill (n > 1): compute-bound. Each task
-  takes a panel of `PANEL` weight rows, dequantizes it once into its thread's float32 scratch
-  (`[SLOTS, PANEL, k]`) and sweeps every token over it in 4-token x 4-row register tiles (`_quant.tile_f32`),
-  so a weight is decoded once per call however many tokens there are. f32 weights are tiled in place.
-
-Activations stay float32 (a q4_1 plan computes what the dequantized model computes, up to summation order).
-The sums use fused multiply-adds in a fixed order per target (see `_quant.py`).
-
-A row tile (`rows=[r0, r1]`: the weight input holds rows r0..r1 of the full `[out_features, k]` weight, the
-bias its r0..r1 slice) writes columns r0..r1 of the `[..., out_features]` output and leaves the others alone.
-Contract of the twin for a tile: it returns only those columns, `[..., r1 - r0]` (what the engine's validate
-mode compares with `out[..., r0:r1]`). `last_row=1`: only the last row of x is used and the output is
-`[1, out_features]` (a decoder's LM head).
+One kernel pair, `matmul` / `matmul_par`, serves both: operands are read through element strides, so Gemm's
+transposes and its broadcast C cost no copy.
 """
 
 from __future__ import annotations
@@ -31,366 +13,230 @@ from typing import Any
 
 import numpy as np
 
-from .. import formats as F
-from . import _quant as Q
-from ._jit import DOT_FLAGS, F32, I64, U8, U16, arr, helper, kernel, prange
-from ._quant import deq_f16, deq_q4_0, deq_q4_1, deq_q8_0, dot_f16, dot_q4_0, dot_q4_1, dot_q8_0, thread_id, tile_f32
+from ._jit import DOT_FLAGS, I64, helper, kernel, prange
 from .registry import (
+    PAR_MIN,
     OpDef,
     Sample,
     ShapeError,
     Site,
     WarmSpec,
+    bcast_strides,
+    broadcast,
     flat,
     numel,
     register,
 )
 
-_F32 = np.float32
-_EMPTY = np.zeros(0, np.float32)
-_EMPTY.setflags(write=False)
-
-VEC_ROWS = 16  #: weight rows per parallel chunk of the decode kernels
-PANEL = 16  #: weight rows a prefill task dequantizes at once (a multiple of the tile's 4 rows)
-SLOTS = 4  #: per-thread panel buffers in the scratch; threads beyond these decode rows on the fly (slower)
-TT, TR = Q.TILE_T, Q.TILE_R
-
-FORMATS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
-#: (weights per block, view elements per block) of each format, for the shape checks in the kernels
-_GEO = {f: (F.get(f).block, F.get(f).block_bytes // np.dtype(F.get(f).view_dtype).itemsize) for f in FORMATS}
-_G32, _G16, _G80, _G40, _G41 = (_GEO[f] for f in FORMATS)
-
-
-# ---- shared kernel pieces ------------------------------------------------------------------------------------
+# ---- ONNX MatMul and Gemm (activations x activations, any numeric dtype) --------------------------------------
 
 @helper
-def _check_w(k, w, bias, block, per_block):
-    """Weight `w` (a format view) holds rows of k weights; bias has one value per row or none."""
-    if k % block != 0 or w.shape[1] != k // block * per_block:
-        raise ValueError("linear: weight rows do not hold k weights of this format")
-    if bias.shape[0] != 0 and bias.shape[0] != w.shape[0]:
-        raise ValueError("linear: bias must have one value per weight row, or none")
-
-
-@helper
-def _check_vec(x, w, bias, out, col0, block, per_block):
-    _check_w(x.shape[0], w, bias, block, per_block)
-    if col0 < 0 or col0 + w.shape[0] > out.shape[0]:
-        raise ValueError("linear: out has no columns col0 .. col0 + m")
-    return w.shape[0]
+def _mm_row(a, b, c, out, ia, ib, r, M, K, N, sam, sak, sbk, sbn, scm, scn, alpha, beta, has_c):
+    """One output row of batch `r // M`: `out[r] = alpha * a[ia[bi]][i] @ b[ib[bi]] + beta * c[i]` with element
+    strides for a (`sam`, `sak`: transA), b (`sbk`, `sbn`: transB) and c (0 along broadcast axes)."""
+    bi = r // M
+    i = r % M
+    ao = ia[bi] * M * K + i * sam
+    bo = ib[bi] * K * N
+    oo = r * N
+    for j in range(N):
+        out[oo + j] = 0
+    for kk in range(K):
+        av = a[ao + kk * sak]
+        bk = bo + kk * sbk
+        for j in range(N):
+            out[oo + j] += av * b[bk + j * sbn]
+    if alpha != 1.0 or has_c:
+        for j in range(N):
+            v = alpha * out[oo + j]
+            if has_c:
+                v += beta * c[i * scm + j * scn]
+            out[oo + j] = v
 
 
 @helper
-def _check_mat(x, w, bias, out, col0, scratch, block, per_block):
-    n, k = x.shape
-    _check_w(k, w, bias, block, per_block)
-    if out.shape[0] != n or col0 < 0 or col0 + w.shape[0] > out.shape[1]:
-        raise ValueError("linear: out must be [n, >= col0 + m]")
-    if scratch.shape[0] != 0 and (scratch.shape[1] < PANEL or scratch.shape[2] != k):
-        raise ValueError("linear: scratch must be [slots, PANEL, k]")
-    return n, k, w.shape[0]
+def _check_mm(a, b, c, out, ia, ib, M, K, N, sam, sak, sbk, sbn, scm, scn, has_c):
+    nb = ia.shape[0]
+    if ib.shape[0] != nb or out.shape[0] != nb * M * N or M < 0 or K < 0 or N < 0:
+        raise ValueError("matmul: out must hold len(ia) x M x N elements")
+    for q in range(nb):
+        if ia[q] < 0 or (ia[q] + 1) * M * K > a.shape[0] or ib[q] < 0 or (ib[q] + 1) * K * N > b.shape[0]:
+            raise ValueError("matmul: a batch index is outside its operand")
+    if M * K > 0 and (M - 1) * sam + (K - 1) * sak >= M * K:
+        raise ValueError("matmul: a's strides leave its matrix")
+    if K * N > 0 and (K - 1) * sbk + (N - 1) * sbn >= K * N:
+        raise ValueError("matmul: b's strides leave its matrix")
+    if has_c and M * N > 0 and (M - 1) * scm + (N - 1) * scn >= c.shape[0]:
+        raise ValueError("matmul: c's strides leave it")
 
 
-@helper
-def _bias_at(bias, r):
-    return bias[r] if bias.shape[0] != 0 else _F32(0.0)
+@kernel(fastmath=DOT_FLAGS, error_model="numpy")
+def matmul(a, b, c, out, ia, ib, M, K, N, sam, sak, sbk, sbn, scm, scn, alpha, beta, has_c):
+    """Batched `out[q] = alpha * A(a[ia[q]]) @ B(b[ib[q]]) + beta * C`: `a` flat `[*, M, K]` read with element
+    strides (sam, sak), `b` flat `[*, K, N]` with (sbk, sbn), `c` flat, broadcast by (scm, scn) when `has_c`,
+    `out` flat `[len(ia), M, N]`. MatMul is alpha = 1 without c; Gemm's transA / transB are strides."""
+    _check_mm(a, b, c, out, ia, ib, M, K, N, sam, sak, sbk, sbn, scm, scn, has_c)
+    for r in range(ia.shape[0] * M):
+        _mm_row(a, b, c, out, ia, ib, r, M, K, N, sam, sak, sbk, sbn, scm, scn, alpha, beta, has_c)
 
 
-@helper
-def _rows_of(c, m, per):
-    """Rows [r0, r1) of chunk c of `per` rows."""
-    r0 = c * per
-    return r0, min(m, r0 + per)
+@kernel(parallel=True, fastmath=DOT_FLAGS, error_model="numpy")
+def matmul_par(a, b, c, out, ia, ib, M, K, N, sam, sak, sbk, sbn, scm, scn, alpha, beta, has_c):
+    _check_mm(a, b, c, out, ia, ib, M, K, N, sam, sak, sbk, sbn, scm, scn, has_c)
+    for r in prange(ia.shape[0] * M):
+        _mm_row(a, b, c, out, ia, ib, r, M, K, N, sam, sak, sbk, sbn, scm, scn, alpha, beta, has_c)
 
 
-@helper
-def _tiles(x, w, wr0, nr, out, c0, bias, b0):
-    """out[t, c0 + j] = x[t] . w[wr0 + j] + bias[b0 + j] for every token t and j < nr, in TT x TR tiles."""
-    n = x.shape[0]
-    for t in range(0, n, TT):
-        for j in range(0, nr, TR):
-            tile_f32(x, t, min(TT, n - t), w, wr0 + j, min(TR, nr - j), out, c0 + j, bias, b0 + j)
+def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """numpy matmul's output shape (1-D operands promoted and the added axis dropped; batch broadcast)."""
+    if not a or not b:
+        raise ShapeError("MatMul: scalar operands")
+    a2 = (1,) + tuple(a) if len(a) == 1 else tuple(a)
+    b2 = tuple(b) + (1,) if len(b) == 1 else tuple(b)
+    if a2[-1] != b2[-2]:
+        raise ShapeError(f"MatMul: inner dims differ ({list(a)} @ {list(b)})")
+    out = broadcast(a2[:-2], b2[:-2]) + (a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
 
 
-@helper
-def _dot_f32(w, x):
-    acc = _F32(0.0)
-    for i in range(x.shape[0]):
-        acc += w[i] * x[i]
-    return acc
+def _gemm_dims(A: tuple, B: tuple, a: dict) -> tuple[int, int, int]:
+    if len(A) != 2 or len(B) != 2:
+        raise ShapeError("Gemm: A and B must be 2-D")
+    m, k = (A[1], A[0]) if a["transA"] else A
+    k2, n = (B[1], B[0]) if a["transB"] else B
+    if k != k2:
+        raise ShapeError(f"Gemm: inner dims {k} and {k2} differ")
+    return int(m), int(k), int(n)
 
 
-# ---- Linear: decode (one token) ------------------------------------------------------------------------------
-
-_X1, _B1, _O1 = arr(F32, 1, ro=True), arr(F32, 1, ro=True), arr(F32, 1)
-
-
-@kernel("void", _X1, arr(F32, 2, ro=True), _B1, _O1, I64, parallel=True, fastmath=DOT_FLAGS)
-def linear_vec_f32(x, w, bias, out, col0):
-    """`out[col0 + r] = w[r] . x + bias[r]` for every row r of a float32 weight `[m, k]`."""
-    m = _check_vec(x, w, bias, out, col0, _G32[0], _G32[1])
-    for c in prange((m + VEC_ROWS - 1) // VEC_ROWS):
-        r0, r1 = _rows_of(c, m, VEC_ROWS)
-        for r in range(r0, r1):
-            out[col0 + r] = _dot_f32(w[r], x) + _bias_at(bias, r)
+def _matmul_rule(s: list, d: list, v: dict, a: dict, n: int) -> list:
+    if d[0] != d[1]:
+        raise ShapeError(f"MatMul: operands are {d[0]} and {d[1]}")
+    return [(matmul_shape(s[0], s[1]), d[0])]
 
 
-@kernel("void", _X1, arr(U16, 2, ro=True), _B1, _O1, I64, parallel=True)
-def linear_vec_f16(x, w, bias, out, col0):
-    """As `linear_vec_f32` for an f16 weight (raw halves, `[m, k]` uint16)."""
-    m = _check_vec(x, w, bias, out, col0, _G16[0], _G16[1])
-    for c in prange((m + VEC_ROWS - 1) // VEC_ROWS):
-        r0, r1 = _rows_of(c, m, VEC_ROWS)
-        for r in range(r0, r1):
-            out[col0 + r] = dot_f16(w[r], x) + _bias_at(bias, r)
+def _gemm_rule(s: list, d: list, v: dict, a: dict, n: int) -> list:
+    m, _, nn = _gemm_dims(s[0], s[1], a)
+    if len(s) > 2 and s[2] is not None and broadcast((m, nn), s[2]) != (m, nn):
+        raise ShapeError(f"Gemm: C {list(s[2])} does not broadcast to {[m, nn]}")
+    return [((m, nn), d[0])]
 
 
-@kernel("void", _X1, arr(U8, 2, ro=True), _B1, _O1, I64, parallel=True)
-def linear_vec_q8_0(x, w, bias, out, col0):
-    """As `linear_vec_f32` for a q8_0 weight (`[m, row_bytes]` ggml blocks)."""
-    m = _check_vec(x, w, bias, out, col0, _G80[0], _G80[1])
-    for c in prange((m + VEC_ROWS - 1) // VEC_ROWS):
-        r0, r1 = _rows_of(c, m, VEC_ROWS)
-        for r in range(r0, r1):
-            out[col0 + r] = dot_q8_0(w[r], x) + _bias_at(bias, r)
+def _keep(x: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return np.asarray(x).astype(like.dtype, copy=False)
 
 
-@kernel("void", _X1, arr(U8, 2, ro=True), _B1, _O1, I64, parallel=True)
-def linear_vec_q4_0(x, w, bias, out, col0):
-    """As `linear_vec_f32` for a q4_0 weight."""
-    m = _check_vec(x, w, bias, out, col0, _G40[0], _G40[1])
-    for c in prange((m + VEC_ROWS - 1) // VEC_ROWS):
-        r0, r1 = _rows_of(c, m, VEC_ROWS)
-        for r in range(r0, r1):
-            out[col0 + r] = dot_q4_0(w[r], x) + _bias_at(bias, r)
+def _matmul_twin(ins: list, a: dict, n: int) -> list:
+    return [_keep(np.matmul(ins[0], ins[1]), ins[0])]
 
 
-@kernel("void", _X1, arr(U8, 2, ro=True), _B1, _O1, I64, parallel=True)
-def linear_vec_q4_1(x, w, bias, out, col0):
-    """As `linear_vec_f32` for a q4_1 weight."""
-    m = _check_vec(x, w, bias, out, col0, _G41[0], _G41[1])
-    for c in prange((m + VEC_ROWS - 1) // VEC_ROWS):
-        r0, r1 = _rows_of(c, m, VEC_ROWS)
-        for r in range(r0, r1):
-            out[col0 + r] = dot_q4_1(w[r], x) + _bias_at(bias, r)
+def _gemm_twin(ins: list, a: dict, n: int) -> list:
+    A = ins[0].T if a["transA"] else ins[0]
+    B = ins[1].T if a["transB"] else ins[1]
+    y = a["alpha"] * (A @ B)  # [m, k] @ [k, n] -> [m, n]
+    if len(ins) > 2 and ins[2] is not None:
+        y = y + a["beta"] * ins[2]
+    return [_keep(y, ins[0])]
 
 
-# ---- Linear: prefill (n tokens) ------------------------------------------------------------------------------
-
-_X2, _O2, _S3 = arr(F32, 2, ro=True), arr(F32, 2), arr(F32, 3)
+_I64 = np.int64
 
 
-@kernel("void", _X2, arr(F32, 2, ro=True), _B1, _O2, I64, _S3, parallel=True)
-def linear_mat_f32(x, w, bias, out, col0, scratch):
-    """`out[t, col0 + r] = x[t] . w[r] + bias[r]` for a float32 weight, tiled in place (scratch unused)."""
-    n, k, m = _check_mat(x, w, bias, out, col0, scratch, _G32[0], _G32[1])
-    for p in prange((m + PANEL - 1) // PANEL):
-        r0, r1 = _rows_of(p, m, PANEL)
-        _tiles(x, w, r0, r1 - r0, out, col0 + r0, bias, r0)
+def _batch_index(shape: tuple[int, ...], batch: tuple[int, ...]) -> np.ndarray:
+    """For each matrix of the broadcast batch, the index of the operand's matrix it reads."""
+    own = np.arange(numel(shape), dtype=_I64).reshape(shape)
+    idx = np.array(np.broadcast_to(own, batch), dtype=_I64).reshape(-1)  # a copy: writable until frozen here
+    idx.setflags(write=False)  # always read-only, so the kernels see one array type (what `warm` loads)
+    return idx
 
 
-@kernel("void", _X2, arr(U16, 2, ro=True), _B1, _O2, I64, _S3, parallel=True)
-def linear_mat_f16(x, w, bias, out, col0, scratch):
-    """As `linear_mat_f32` for an f16 weight: each panel of rows is widened into the thread's scratch once."""
-    n, k, m = _check_mat(x, w, bias, out, col0, scratch, _G16[0], _G16[1])
-    for p in prange((m + PANEL - 1) // PANEL):
-        r0, r1 = _rows_of(p, m, PANEL)
-        tid = thread_id()
-        if tid < scratch.shape[0]:
-            panel = scratch[tid]
-            for r in range(r0, r1):
-                deq_f16(w[r], panel[r - r0])
-            _tiles(x, panel, 0, r1 - r0, out, col0 + r0, bias, r0)
-        else:
-            for r in range(r0, r1):
-                for t in range(n):
-                    out[t, col0 + r] = dot_f16(w[r], x[t]) + _bias_at(bias, r)
+def _mm_call(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, out: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+             dims: tuple[int, ...], alpha: float, beta: float) -> Callable[[], Any]:
+    """Bind the kernel (parallel when some buffer is big, as `warm` decides)."""
+    M, K, N = dims[:3]
+    big = max(a.size, b.size, out.size, 0 if c is None else c.size) >= PAR_MIN
+    fn = (matmul_par if big and ia.size * M > 1 else matmul).load()
+    cf = flat(c) if c is not None else np.zeros(0, out.dtype)
+    args = (flat(a), flat(b), cf, flat(out), ia, ib) + tuple(int(v) for v in dims) + (float(alpha), float(beta),
+                                                                                          c is not None)
+    return partial(fn, *args)
 
 
-@kernel("void", _X2, arr(U8, 2, ro=True), _B1, _O2, I64, _S3, parallel=True)
-def linear_mat_q8_0(x, w, bias, out, col0, scratch):
-    """As `linear_mat_f16` for a q8_0 weight."""
-    n, k, m = _check_mat(x, w, bias, out, col0, scratch, _G80[0], _G80[1])
-    for p in prange((m + PANEL - 1) // PANEL):
-        r0, r1 = _rows_of(p, m, PANEL)
-        tid = thread_id()
-        if tid < scratch.shape[0]:
-            panel = scratch[tid]
-            for r in range(r0, r1):
-                deq_q8_0(w[r], panel[r - r0])
-            _tiles(x, panel, 0, r1 - r0, out, col0 + r0, bias, r0)
-        else:
-            for r in range(r0, r1):
-                for t in range(n):
-                    out[t, col0 + r] = dot_q8_0(w[r], x[t]) + _bias_at(bias, r)
+def _bind_matmul(s: Site) -> Callable[[], Any]:
+    a, b, out = s.ins[0], s.ins[1], s.outs[0]
+    a2 = a.reshape((1,) + a.shape) if a.ndim == 1 else a
+    b2 = b.reshape(b.shape + (1,)) if b.ndim == 1 else b
+    M, K = a2.shape[-2:]
+    N = b2.shape[-1]
+    batch = broadcast(a2.shape[:-2], b2.shape[:-2])
+    ia, ib = _batch_index(a2.shape[:-2], batch), _batch_index(b2.shape[:-2], batch)
+    return _mm_call(a2, b2, None, out, ia, ib, (M, K, N, K, 1, N, 1, 0, 0), 1.0, 0.0)
 
 
-@kernel("void", _X2, arr(U8, 2, ro=True), _B1, _O2, I64, _S3, parallel=True)
-def linear_mat_q4_0(x, w, bias, out, col0, scratch):
-    """As `linear_mat_f16` for a q4_0 weight."""
-    n, k, m = _check_mat(x, w, bias, out, col0, scratch, _G40[0], _G40[1])
-    for p in prange((m + PANEL - 1) // PANEL):
-        r0, r1 = _rows_of(p, m, PANEL)
-        tid = thread_id()
-        if tid < scratch.shape[0]:
-            panel = scratch[tid]
-            for r in range(r0, r1):
-                deq_q4_0(w[r], panel[r - r0])
-            _tiles(x, panel, 0, r1 - r0, out, col0 + r0, bias, r0)
-        else:
-            for r in range(r0, r1):
-                for t in range(n):
-                    out[t, col0 + r] = dot_q4_0(w[r], x[t]) + _bias_at(bias, r)
+def _bind_gemm(s: Site) -> Callable[[], Any]:
+    A, B, out = s.ins[0], s.ins[1], s.outs[0]
+    C = s.ins[2] if len(s.ins) > 2 else None
+    M, K, N = _gemm_dims(A.shape, B.shape, s.attrs)
+    sam, sak = (1, M) if s.attrs["transA"] else (K, 1)
+    sbk, sbn = (1, K) if s.attrs["transB"] else (N, 1)
+    scm = scn = 0
+    if C is not None:
+        scm, scn = bcast_strides(C.shape, (M, N))
+        if C.dtype != out.dtype:
+            raise ShapeError(f"Gemm: C is {C.dtype}, A is {out.dtype}")
+    one = _batch_index((), ())
+    return _mm_call(A, B, C, out, one, one, (M, K, N, sam, sak, sbk, sbn, scm, scn), s.attrs["alpha"],
+                    s.attrs["beta"])
 
 
-@kernel("void", _X2, arr(U8, 2, ro=True), _B1, _O2, I64, _S3, parallel=True)
-def linear_mat_q4_1(x, w, bias, out, col0, scratch):
-    """As `linear_mat_f16` for a q4_1 weight."""
-    n, k, m = _check_mat(x, w, bias, out, col0, scratch, _G41[0], _G41[1])
-    for p in prange((m + PANEL - 1) // PANEL):
-        r0, r1 = _rows_of(p, m, PANEL)
-        tid = thread_id()
-        if tid < scratch.shape[0]:
-            panel = scratch[tid]
-            for r in range(r0, r1):
-                deq_q4_1(w[r], panel[r - r0])
-            _tiles(x, panel, 0, r1 - r0, out, col0 + r0, bias, r0)
-        else:
-            for r in range(r0, r1):
-                for t in range(n):
-                    out[t, col0 + r] = dot_q4_1(w[r], x[t]) + _bias_at(bias, r)
+def _warm_mm(spec: WarmSpec) -> None:
+    from ._jit import arr as A
+
+    dt = spec.in_dtypes[0]
+    c_ro = len(spec.readonly) > 2 and spec.in_dtypes[2] is not None and spec.readonly[2]
+    ins = [A(dt, 1, ro=spec.readonly[0]), A(dt, 1, ro=spec.readonly[1]), A(dt, 1, ro=c_ro), A(dt, 1)]
+    idx = [A(I64, 1, ro=True), A(I64, 1, ro=True)]
+    for k in (matmul, matmul_par) if spec.big else (matmul,):
+        k.warm(*ins, *idx, *[I64] * 9, "float64", "float64", "bool")
 
 
-VEC = {"f32": linear_vec_f32, "f16": linear_vec_f16, "q8_0": linear_vec_q8_0, "q4_0": linear_vec_q4_0,
-       "q4_1": linear_vec_q4_1}
-MAT = {"f32": linear_mat_f32, "f16": linear_mat_f16, "q8_0": linear_mat_q8_0, "q4_0": linear_mat_q4_0,
-       "q4_1": linear_mat_q4_1}
-
-
-# ---- Linear: the op ------------------------------------------------------------------------------------------
-
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """The definition: `x @ weight.T + bias` in float32, weight `[out, in]` (already dequantized)."""
-    y = x.astype(_F32) @ weight.astype(_F32).T  # [..., k] @ [k, m] -> [..., m]
-    if bias is not None and bias.size:
-        y = y + bias.astype(_F32)
-    return y.astype(_F32)
-
-
-def _tile(a: dict) -> tuple[int, int] | None:
-    rows = a.get("rows")
-    if rows is None:
-        return None
-    r0, r1 = (int(v) for v in rows)
-    return r0, r1
-
-
-def _linear_twin(ins: list, a: dict, n: int) -> list:
-    x, w = ins[0], ins[1]
-    if a.get("last_row"):
-        x = x.reshape(-1, x.shape[-1])[-1:]  # [..., k] -> [1, k]
-    return [linear(x, w, ins[2] if len(ins) > 2 else None)]  # a tile: its r1 - r0 columns
-
-
-def _linear_shape(s: list, d: list, v: dict, a: dict, n: int) -> list:
-    x, w = s[0], s[1]
-    M = int(a["out_features"])
-    if x is None or len(x) < 1 or w is None or len(w) != 2:
-        raise ShapeError(f"Linear: needs x [..., k] and a 2-D weight, got {x} and {w}")
-    if d[0] not in (None, "float32"):
-        raise ShapeError(f"Linear: x is {d[0]}, expected float32")
-    m, k = int(w[0]), int(w[1])
-    if int(x[-1]) != k:
-        raise ShapeError(f"Linear: x {list(x)} does not end in the weight's {k} input features")
-    tile = _tile(a)
-    if tile is not None:
-        r0, r1 = tile
-        if not 0 <= r0 < r1 <= M or r1 - r0 != m:
-            raise ShapeError(f"Linear: rows {[r0, r1]} do not fit out_features {M} with a {m}-row weight tile")
-    elif m != M:
-        raise ShapeError(f"Linear: weight has {m} rows, out_features is {M}")
-    if len(s) > 2 and s[2] is not None and numel(s[2]) != m:
-        raise ShapeError(f"Linear: bias {list(s[2])} does not have the weight's {m} rows")
-    if a.get("last_row"):
-        return [((1, M), "float32")]
-    return [(tuple(x[:-1]) + (M,), "float32")]
-
-
-def _fmt(fmt: str | None) -> str:
-    f = fmt or "f32"
-    if f not in VEC:
-        raise ShapeError(f"Linear: no kernel for weight format {f!r}; known: {', '.join(VEC)}")
-    return f
-
-
-def _linear_scratch(shapes: list, a: dict) -> list[int]:
-    if a.get("last_row"):
-        return []
-    return [SLOTS * PANEL * int(shapes[1][1])]  # per-thread panels (f32 weights do not use them)
-
-
-def _bind_linear(s: Site) -> Callable[[], Any]:
-    x, w = s.ins[0], s.ins[1]
-    fmt = _fmt(s.formats[1] if len(s.formats) > 1 else None)
-    m, k = (int(d) for d in s.shapes[1])
-    M = int(s.attrs["out_features"])
-    tile = _tile(s.attrs)
-    col0 = tile[0] if tile else 0
-    bias = s.ins[2] if len(s.ins) > 2 and s.ins[2] is not None else _EMPTY
-    bias = flat(bias) if bias.size == m else flat(bias)[col0:col0 + m]  # a bias the engine did not tile
-    if bias.dtype != np.float32 or bias.size not in (0, m):
-        raise ShapeError(f"Linear: bias must be float32 with {m} values")
-    x2 = x.reshape(-1, k)  # [..., k] -> [n, k]
-    out2 = s.outs[0].reshape(-1, M)
-    if s.attrs.get("last_row"):
-        x2 = x2[-1:]
-    if x2.shape[0] != out2.shape[0]:
-        raise ShapeError(f"Linear: {x2.shape[0]} input rows but {out2.shape[0]} output rows")
-    if x2.shape[0] == 1:
-        return partial(VEC[fmt].load(), x2[0], w, bias, out2[0], col0)
-    scratch = s.scratch[0][:SLOTS * PANEL * k].reshape(SLOTS, PANEL, k) if s.scratch else np.zeros((0, 0, 0), _F32)
-    return partial(MAT[fmt].load(), x2, w, bias, out2, col0, scratch)
-
-
-def _warm_linear(spec: WarmSpec) -> None:
-    fmt = _fmt(spec.formats[1] if len(spec.formats) > 1 else None)
-    VEC[fmt].load()
-    if not spec.attrs.get("last_row"):
-        MAT[fmt].load()
-
-
-def _linear_sample(rng: np.random.Generator) -> list[Sample]:
-    """Every format; n in {1, 2, 3, 4, 5, 17, 76}; full weights and row tiles; last_row; with and without bias."""
-    tol = {"f32": 2e-5, "f16": 2e-5, "q8_0": 2e-5, "q4_0": 2e-5, "q4_1": 2e-5}
+def _mm_sample(rng: np.random.Generator) -> list[Sample]:
     cases = []
-    for i, fmt in enumerate(FORMATS):
-        f = F.get(fmt)
-        for j, n in enumerate((1, 2, 3, 4, 5, 17, 76)):
-            k = (64, 96, 160)[(i + j) % 3]
-            M = (20, 37, 48)[(i + 2 * j) % 3]
-            tiled = (i + j) % 3 == 1
-            r0, r1 = (5, M - 3) if tiled else (0, M)
-            w = (rng.standard_normal((M, k)) * 0.5).astype(_F32)
-            x = rng.standard_normal((n, k)).astype(_F32)
-            if n == 17:
-                x = x.reshape(1, 17, k)  # leading batch axis
-            attrs: dict[str, Any] = {"out_features": M}
-            if tiled:
-                attrs["rows"] = [r0, r1]
-            if n in (5, 76) and not tiled:
-                attrs["last_row"] = 1
-            wq = f.view(f.quantize(w[r0:r1]).reshape(-1).view(np.uint8), (r1 - r0, k))
-            bias = rng.standard_normal(r1 - r0).astype(_F32) if j % 2 == 0 else None
-            cases.append(Sample([x, wq, bias], attrs, [None, fmt, None], tol=tol[fmt]))
+    for sa, sb, dt in (((3, 4), (4, 5), "float32"), ((2, 1, 3, 8), (5, 8, 6), "float32"), ((7,), (7, 3), "float64"),
+                       ((4, 6), (6,), "int64"), ((2, 64, 96), (96, 80), "float32"), ((3, 5), (5, 2), "int32")):
+        x = rng.standard_normal(sa) * 3
+        y = rng.standard_normal(sb) * 3
+        cases.append(Sample([x.astype(dt), y.astype(dt)], {}, tol=1e-5))
+    return cases
+
+
+def _gemm_sample(rng: np.random.Generator) -> list[Sample]:
+    cases = []
+    for (m, k, n), ta, tb, cshape, alpha, beta, dt in (
+            ((3, 4, 5), 0, 0, None, 1.0, 1.0, "float32"), ((6, 5, 4), 1, 0, (4,), 0.5, 2.0, "float32"),
+            ((4, 7, 3), 0, 1, (4, 1), 1.0, -1.0, "float64"), ((5, 3, 6), 1, 1, (5, 6), 2.0, 0.25, "float32"),
+            ((64, 96, 80), 0, 1, (80,), 1.0, 1.0, "float32"), ((3, 4, 2), 0, 0, (1,), 1.0, 3.0, "int64")):
+        A = rng.standard_normal((k, m) if ta else (m, k)) * 2
+        B = rng.standard_normal((n, k) if tb else (k, n)) * 2
+        ins = [A.astype(dt), B.astype(dt)] + ([] if cshape is None else [(rng.standard_normal(cshape) * 2).astype(dt)])
+        cases.append(Sample(ins, {"transA": ta, "transB": tb, "alpha": alpha, "beta": beta}, tol=1e-5))
     return cases
 
 
 register(OpDef(
-    name="Linear", shape=_linear_shape, twin=_linear_twin, bind=_bind_linear, warm=_warm_linear,
-    kernels=tuple(VEC.values()) + tuple(MAT.values()), sample=_linear_sample,
-    attrs={"out_features": 0, "rows": None, "last_row": 0}, required=("out_features",),
-    scratch=_linear_scratch, row_tiled=(1, 2), domain="edge-rt",
-    flops=lambda i, o, a: 2 * numel(o[0]) // int(o[0][-1]) * int(i[1][0]) * int(i[1][1]),
-    doc="x @ weight.T + bias with the weight in any weight format (decode matvec / tiled prefill); `rows` "
-        "tiles the output features, `last_row` keeps only the last row of x",
+    name="MatMul", shape=_matmul_rule, twin=_matmul_twin, bind=_bind_matmul, warm=_warm_mm,
+    kernels=(matmul, matmul_par), sample=_mm_sample,
+    flops=lambda i, o, a: 2 * numel(o[0]) * int((i[0] or (1,))[-1]),
+    doc="ONNX MatMul: numpy matmul semantics (1-D operands, broadcast batch axes), any numeric dtype",
+))
+register(OpDef(
+    name="Gemm", shape=_gemm_rule, twin=_gemm_twin, bind=_bind_gemm, warm=_warm_mm,
+    kernels=(matmul, matmul_par), sample=_gemm_sample,
+    attrs={"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0},
+    flops=lambda i, o, a: 2 * numel(o[0]) * int(i[0][0] if a.get("transA") else i[0][-1]),
+    doc="ONNX Gemm: alpha * A' @ B' + beta * C (transposes read by stride, C broadcast); one kernel with MatMul",
 ))
