@@ -8,8 +8,10 @@ model in another layout. For each format, edge-rt compiles the GGUF as it is (`q
 never dequantized) into a resident plan, and both engines run the same prompt (the 76-token prompt of
 `llamacpp.sh`) greedily for the same number of new tokens at the same thread count. Runs are interleaved
 (format by format, engine by engine, repeat by repeat) so drift on a shared machine hits both alike;
-medians are reported. Decode tok/s counts the tokens after the first (which prefill gives); prefill ms is the
-prompt's forward pass plus the first token. Peak RSS is each process's own (`ru_maxrss`).
+medians are reported. Both engines are measured the same way: the model loaded once, then the prompt and the
+new tokens run several times in one process (the KV cache reset each time), medians. Decode tok/s counts the
+tokens after the first (which prefill gives); prefill ms is the prompt's forward pass plus the first token.
+Peak RSS is each process's own (`ru_maxrss`).
 """
 
 from __future__ import annotations
@@ -55,11 +57,31 @@ def compile_plan(gguf: str, out: Path) -> str:
     return [ln.split("plan: ", 1)[1] for ln in text.splitlines() if ln.startswith("plan: ")][-1]
 
 
+#: Measured like llama.cpp's side: the model loaded once, then the prompt prefilled and the tokens generated three
+#: times in one process (the KV cache reset each time), medians; peak RSS is the process's whole peak.
+CHILD = r"""
+import json, resource, statistics, sys
+from edge_rt_exec.cli import _warm_runtime
+from edge_rt_exec.generate import Session
+from edge_rt_exec.memory import peak_rss
+from edge_rt_exec.plan import load_plan
+plan, threads, n, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+p = load_plan(plan)
+_warm_runtime(p)
+base = peak_rss()
+s = Session(p, threads=threads)
+ids = s.encode_prompt(prompt)
+runs = [s.generate(ids, n, ignore_eos=True, reuse_cache=False) for _ in range(4)][1:]  # the first one warms up
+print(json.dumps({"prefill_ms": statistics.median(r.prefill_ms for r in runs),
+                  "decode_tok_s": statistics.median(r.decode_tok_s for r in runs), "prompt_tokens": len(ids),
+                  "tokens": runs[0].tokens, "peak_rss_mb": peak_rss() / 2**20, "baseline_rss_mb": base / 2**20,
+                  "first_prefill_ms": runs[0].prefill_ms}))
+"""
+
+
 def run_edge_rt(plan: str, threads: int, n: int) -> dict:
-    r = json.loads(sh([sys.executable, "-m", "edge_rt_exec", "run", plan, "--prompt", PROMPT, "-n", str(n),
-                       "--ignore-eos", "--json", "--threads", str(threads)]).strip().splitlines()[-1])
-    return {"decode_tok_s": r["decode_tok_s"], "prefill_ms": r["prefill_ms"], "peak_rss_mb": r["peak_rss_mb"],
-            "prompt_tokens": r["prompt_tokens"], "tokens": r["tokens"], "baseline_rss_mb": r["baseline_rss_mb"]}
+    out = sh([sys.executable, "-c", CHILD, plan, str(threads), str(n), PROMPT])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run_llamacpp(fmt: str, threads: int, n: int) -> dict:

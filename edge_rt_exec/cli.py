@@ -50,7 +50,8 @@ def _session(args: argparse.Namespace):
     _warm_runtime(plan)
     tok = load_tokenizer(plan) if "tokenizer" in plan.files else None  # loaded once, before the baseline
     baseline = peak_rss()
-    s = Session(plan, threads=args.threads, validate=getattr(args, "validate", False), tokenizer=tok)
+    s = Session(plan, threads=args.threads, validate=getattr(args, "validate", False), tokenizer=tok,
+                profile=getattr(args, "profile", False))
     return s, baseline, time.perf_counter() - t0
 
 

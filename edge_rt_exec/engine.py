@@ -554,15 +554,28 @@ COMPILE_S_PER_KERNEL = 4.0
 def warm_plan(plan: Plan, notice: Any = None) -> None:
     """Load, from numba's on-disk cache (compiling on a first run), every kernel specialization `plan` calls and
     nothing else. The CLIs call it before measuring the runtime baseline, so kernel code counts as runtime.
-    `notice(text)` is told once, before a compile, that one is coming and about how long it takes."""
-    if notice is not None:
-        todo = {k for op in plan.schedule for k in ops.get(op.op).kernels if not k.loaded and not k.cached()}
-        if todo:
-            import os as _os
+    `notice(text)` is told once, just before the first kernel numba's cache does not hold is compiled."""
+    from .ops import _jit
 
-            notice(f"edge-rt: compiling {len(todo)} numba kernel(s) for this machine once (about "
-                   f"{len(todo) * COMPILE_S_PER_KERNEL:.0f} s); later runs load them from "
-                   f"{_os.environ.get('NUMBA_CACHE_DIR', 'the numba cache')}")
+    if notice is not None:
+        candidates = {k for op in plan.schedule for k in ops.get(op.op).kernels if not k.loaded}
+        said: list[bool] = []
+
+        def announce(k: Any) -> None:
+            if not said:
+                said.append(True)
+                todo = sum(1 for c in candidates if not c.cached())
+                notice(f"edge-rt: compiling the numba kernels of this plan for this machine once (up to {todo}, "
+                       f"about {COMPILE_S_PER_KERNEL:.0f} s each); later runs load them from "
+                       f"{os.environ.get('NUMBA_CACHE_DIR', 'the numba cache')}")
+        _jit.on_compile = announce
+    try:
+        _warm(plan)
+    finally:
+        _jit.on_compile = None
+
+
+def _warm(plan: Plan) -> None:
     seen: set[Any] = set()
     for op in plan.schedule:
         d = ops.get(op.op)

@@ -128,6 +128,7 @@ def _edit(plan_path: Path, **changes) -> None:
 
 @pytest.mark.parametrize("change,needle", [
     ({"schema_version": SCHEMA_VERSION + 1}, "newer than this executor supports"),
+    ({"schema_version": SCHEMA_VERSION - 1}, "recompile the plan with edge-rt-compile"),
     ({"byte_order": "big"}, "byte order"),
     ({"files.weights_sha256": "ab" * 32}, "are not the ones"),
     ({"format": "something"}, "not an edge-rt plan"),

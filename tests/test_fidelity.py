@@ -268,7 +268,7 @@ def test_smollm2_matches_transformers(smollm2_session, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in SMOLLM2_PROMPTS if n in ("chat", "long")])
+@pytest.mark.parametrize("name", SMOLLM2_PROMPTS)
 def test_smollm2_streamed_matches_transformers(smollm2_streamed_session, name):
     _check_smollm2(smollm2_streamed_session, name)
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ._ir import _Lazy, ir_tools
-from ._jit import helper
 
 
 def _build_f16_to_f32() -> Any:
@@ -35,28 +32,41 @@ def _build_f32_to_f16() -> Any:
     return f32_to_f16
 
 
-f16_to_f32 = _Lazy(_build_f16_to_f32, "f16_to_f32")
-f32_to_f16 = _Lazy(_build_f32_to_f16, "f32_to_f16")
+def _build_as_f32() -> Any:
+    T = ir_tools()
+
+    @T.intrinsic
+    def as_f32(typingctx: Any, x: Any) -> Any:
+        """A cache element as float32: a float16 (uint16 storage) widened, a float32 as it is."""
+        if x == T.types.uint16:
+            def widen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                return builder.fpext(builder.bitcast(args[0], T.f16), T.f32)
+            return T.types.float32(x), widen
+        if x == T.types.float32:
+            return T.types.float32(x), lambda context, builder, signature, args: args[0]
+        return None
+    return as_f32
 
 
-# Element access of a cache row in its storage type: kernels take one pair as arguments, so one body serves
-# float32 and float16 caches.
+def _build_to_storage() -> Any:
+    T = ir_tools()
 
-@helper
-def get_f32(row, i):
-    return row[i]
+    @T.intrinsic
+    def to_storage(typingctx: Any, v: Any, row: Any) -> Any:
+        """`v` (float32) in the element type of array `row`: rounded to float16 (uint16 storage), or as it is."""
+        if not isinstance(row, T.types.Array) or v != T.types.float32:
+            return None
+        if row.dtype == T.types.uint16:
+            def narrow(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                return builder.bitcast(builder.fptrunc(args[0], T.f16), T.i16)
+            return T.types.uint16(v, row), narrow
+        if row.dtype == T.types.float32:
+            return T.types.float32(v, row), lambda context, builder, signature, args: args[0]
+        return None
+    return to_storage
 
 
-@helper
-def put_f32(row, i, v):
-    row[i] = v
-
-
-@helper
-def get_f16(row, i):
-    return f16_to_f32(row[i])
-
-
-@helper
-def put_f16(row, i, v):
-    row[i] = f32_to_f16(np.float32(v))
+#: `as_f32(x)` / `to_storage(v, row)`: element conversions resolved by type when a kernel compiles (no branch and
+#: no call at run time), so one kernel body serves float32 and float16 KV caches.
+as_f32 = _Lazy(_build_as_f32, "as_f32")
+to_storage = _Lazy(_build_to_storage, "to_storage")

@@ -33,6 +33,9 @@ prange = range  #: replaced by `numba.prange` in a module's globals when its fir
 
 _LOCK = threading.RLock()
 _HELPERS: dict[int, Any] = {}  #: id(python function) -> its numba version
+#: Called (once per kernel) just before a kernel that numba's cache does not hold is compiled: the executor's
+#: first-run notice ("compiling kernels once, ~N s").
+on_compile: Callable[[Kernel], None] | None = None
 
 # ---- type tokens (resolved to numba types when a kernel is built) --------------------------------------------
 
@@ -87,6 +90,20 @@ def helper(fn: Callable) -> Callable:
     return fn
 
 
+def routine(fastmath: Any = False) -> Callable[[Callable], Callable]:
+    """Mark a function as a numba routine: compiled on its own (not inlined) with its own fastmath flags, and
+    called from kernels. Why not a helper: the body of a `prange` loop is compiled into a separate function
+    without the kernel's fastmath flags and with weaker alias information, and LLVM then leaves its inner
+    reductions scalar (measured: attention scores 8x slower). A routine called from the `prange` body keeps
+    them vectorised."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.__edge_rt_helper__ = True  # type: ignore[attr-defined]
+        fn.__edge_rt_routine__ = set(fastmath) if isinstance(fastmath, frozenset) else fastmath  # type: ignore
+        return fn
+    return mark
+
+
 def _helper_dispatcher(fn: Callable, error_model: str) -> Any:
     with _LOCK:
         d = _HELPERS.get(id(fn))
@@ -94,7 +111,11 @@ def _helper_dispatcher(fn: Callable, error_model: str) -> Any:
             import numba
 
             _materialize(fn.__globals__, error_model)
-            d = numba.njit(inline="always", nogil=True, error_model=error_model)(fn)
+            fm = getattr(fn, "__edge_rt_routine__", None)
+            if fm is None:
+                d = numba.njit(inline="always", nogil=True, error_model=error_model)(fn)
+            else:
+                d = numba.njit(inline="never", nogil=True, fastmath=fm, error_model=error_model)(fn)
             _HELPERS[id(fn)] = d
         return d
 
@@ -161,6 +182,8 @@ class Kernel:
                 import numba
 
                 _materialize(self.fn.__globals__, self.error_model)
+                if self.signature is not None:
+                    self._announce()
                 opts = dict(cache=True, nogil=True, parallel=self.parallel,
                             fastmath=set(self.fastmath) if isinstance(self.fastmath, frozenset) else self.fastmath,
                             error_model=self.error_model)
@@ -177,7 +200,14 @@ class Kernel:
         a declared signature has exactly one, loaded by `load()`."""
         d = self.load()
         if self.signature is None:
-            d.compile(tuple(_nb_type(t) for t in types))
+            sig = tuple(_nb_type(t) for t in types)
+            if sig not in d.overloads:
+                self._announce()
+                d.compile(sig)
+
+    def _announce(self) -> None:
+        if on_compile is not None and not self.cached():
+            on_compile(self)
 
     def __call__(self, *args: Any) -> Any:
         """Call through the lazy wrapper (tests, one-off calls). The engine binds `load()` instead."""

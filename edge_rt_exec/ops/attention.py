@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ._half import get_f16, get_f32, put_f16, put_f32
-from ._jit import DOT_FLAGS, F32, F64, I64, U16, arr, helper, kernel, prange
+from ._half import as_f32, to_storage
+from ._jit import DOT_FLAGS, F32, F64, I64, U16, arr, helper, kernel, prange, routine
 from .reduce import softmax_line
 from .registry import OpDef, Sample, ShapeError, Site, register
 
@@ -52,8 +52,7 @@ def _rope_rows(x, positions, inv_freq, n_heads, head_dim):
 
 
 @helper
-def _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
-            get, put):
+def _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out):
     n = q.shape[0]
     n_kv, t_max, hd = k_cache.shape
     if (hd != head_dim or n_kv != n_kv_heads or n_heads % n_kv_heads != 0 or v_cache.shape[0] != n_kv
@@ -79,33 +78,36 @@ def _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads,
             kr = k_cache[h, pos0 + i]
             vr = v_cache[h, pos0 + i]
             for d in range(hd):
-                put(kr, d, k[i, h * hd + d])
-                put(vr, d, v[i, h * hd + d])
+                kr[d] = to_storage(k[i, h * hd + d], kr)
+                vr[d] = to_storage(v[i, h * hd + d], vr)
     group = n_heads // n_kv
     s = np.float32(scale)
     for h in prange(n_heads):
-        kc = k_cache[h // group]
-        vc = v_cache[h // group]
-        sc = scratch[h]
         q0 = h * hd
         for i in range(n):
-            length = pos0 + i + 1
-            qi = q[i]
-            for t in range(length):
-                kt = kc[t]
-                acc = np.float32(0.0)
-                for d in range(hd):
-                    acc += qi[q0 + d] * get(kt, d)
-                sc[t] = acc * s
-            softmax_line(sc, sc, 0, length, 1, False)
-            oi = out[i]
-            for d in range(hd):
-                oi[q0 + d] = 0.0
-            for t in range(length):
-                p = sc[t]
-                vt = vc[t]
-                for d in range(hd):
-                    oi[q0 + d] += p * get(vt, d)
+            _attend(q[i, q0:q0 + hd], k_cache[h // group], v_cache[h // group], pos0 + i + 1, s, scratch[h],
+                    out[i, q0:q0 + hd])
+
+
+@routine(fastmath=DOT_FLAGS)
+def _attend(qh, kc, vc, length, scale, scores, oh):
+    """One query row of one head against cache rows `0 .. length-1`: `oh[hd] = softmax(qh . k * scale) @ v`
+    (a routine: its reductions stay vectorised, see `_jit.routine`)."""
+    hd = qh.shape[0]
+    for t in range(length):
+        kt = kc[t]
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += qh[d] * as_f32(kt[d])
+        scores[t] = acc * scale
+    softmax_line(scores, scores, 0, length, 1, False)
+    for d in range(hd):
+        oh[d] = 0.0
+    for t in range(length):
+        p = scores[t]
+        vt = vc[t]
+        for d in range(hd):
+            oh[d] += p * as_f32(vt[d])
 
 
 _CAUSAL_ARGS = (arr(F32, 2), arr(F32, 2), arr(F32, 2, ro=True))
@@ -122,8 +124,7 @@ def causal_attention(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_
     attends over cache rows `0 .. positions[i]`. Query head h reads kv head `h // (H // Hkv)`. Parallel over
     heads. `out` must not alias q.
     """
-    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
-            get_f32, put_f32)
+    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out)
 
 
 @kernel("void", *_CAUSAL_ARGS, arr(U16, 3), arr(U16, 3), *_CAUSAL_REST, parallel=True, fastmath=DOT_FLAGS)
@@ -131,8 +132,7 @@ def causal_attention_f16(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads
                          scratch, out):
     """`causal_attention` with a float16 KV cache (stored as uint16): keys and values are rounded to half
     precision when written (nearest even) and widened when read; the rest is float32."""
-    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out,
-            get_f16, put_f16)
+    _causal(q, k, v, k_cache, v_cache, positions, inv_freq, n_heads, n_kv_heads, head_dim, scale, scratch, out)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
@@ -315,28 +315,41 @@ def bidir_attention(q, k, v, mask, n_heads, head_dim, scale, scratch, out):
     for bh in prange(batch * n_heads):
         b = bh // n_heads
         c0 = (bh % n_heads) * head_dim
-        sc = scratch[bh]
-        r0 = b * seq
-        any_token = False
+        _attend_sequence(q, k, v, mask[b], b * seq, c0, head_dim, s, scratch[bh], out)
+
+
+@routine(fastmath=DOT_FLAGS)
+def _attend_sequence(q, k, v, mask, r0, c0, hd, scale, sc, out):
+    """Every query row of one sequence (rows r0 ..) and one head (columns c0 ..) over the sequence's unmasked
+    keys (a routine: its reductions stay vectorised, see `_jit.routine`)."""
+    seq = mask.shape[0]
+    any_token = False
+    for t in range(seq):
+        if mask[t] != 0:
+            any_token = True
+    for i in range(seq):
+        oi = out[r0 + i]
+        for d in range(hd):
+            oi[c0 + d] = 0.0
+        if not any_token:
+            continue
+        qi = q[r0 + i]
         for t in range(seq):
-            if mask[b, t] != 0:
-                any_token = True
-        for i in range(seq):
-            oi = out[r0 + i]
-            for d in range(head_dim):
-                oi[c0 + d] = 0.0
-            if not any_token:
-                continue
-            qi = q[r0 + i]
-            for t in range(seq):
-                sc[t] = _dot(qi, c0, k[r0 + t], c0, head_dim) * s if mask[b, t] != 0 else -np.inf
-            softmax_line(sc, sc, 0, seq, 1, False)
-            for t in range(seq):
-                if mask[b, t] != 0:
-                    p = sc[t]
-                    vt = v[r0 + t]
-                    for d in range(head_dim):
-                        oi[c0 + d] += p * vt[c0 + d]
+            if mask[t] != 0:
+                kt = k[r0 + t]
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += qi[c0 + d] * kt[c0 + d]
+                sc[t] = acc * scale
+            else:
+                sc[t] = -np.inf
+        softmax_line(sc, sc, 0, seq, 1, False)
+        for t in range(seq):
+            if mask[t] != 0:
+                p = sc[t]
+                vt = v[r0 + t]
+                for d in range(hd):
+                    oi[c0 + d] += p * vt[c0 + d]
 
 
 def bidir_attention_twin(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, *, n_heads: int,

@@ -236,24 +236,32 @@ for _op in _CODES:
 
 @helper
 def softmax_line(x, out, base, n, stride, log):
-    """Softmax (or log-softmax) of `n` elements of `x` from `base` with `stride` into `out` (may alias `x`),
-    in float64; rounded once on the store."""
+    """Softmax (or log-softmax) of `n` elements of `x` from `base` with `stride` into `out` (may alias `x`).
+    Each exponential is computed once, in float64, and stored (float32); the sum accumulates in float64."""
     m = -np.inf
     for t in range(n):
         v = np.float64(x[base + t * stride])
         if v > m:
             m = v
+    if m == -np.inf:  # every element -inf: no weight anywhere (an empty or fully masked row)
+        for t in range(n):
+            out[base + t * stride] = 0.0 if not log else -np.inf
+        return
     s = 0.0
-    for t in range(n):
-        s += math.exp(np.float64(x[base + t * stride]) - m)
     if log:
+        for t in range(n):
+            s += math.exp(np.float64(x[base + t * stride]) - m)
         ls = math.log(s)
         for t in range(n):
             out[base + t * stride] = np.float64(x[base + t * stride]) - m - ls
     else:
+        for t in range(n):
+            e = math.exp(np.float64(x[base + t * stride]) - m)
+            out[base + t * stride] = e
+            s += e
         inv = 1.0 / s
         for t in range(n):
-            out[base + t * stride] = math.exp(np.float64(x[base + t * stride]) - m) * inv
+            out[base + t * stride] = out[base + t * stride] * inv
 
 
 @kernel()
