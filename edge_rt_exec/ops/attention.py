@@ -24,15 +24,6 @@ _F32 = np.float32
 
 
 @helper
-def _dot(a, a0, b, b0, k):
-    """`sum(a[a0:a0+k] * b[b0:b0+k])` over 1-D arrays, accumulated in float32."""
-    acc = np.float32(0.0)
-    for i in range(k):
-        acc += a[a0 + i] * b[b0 + i]
-    return acc
-
-
-@helper
 def _rope_rows(x, positions, inv_freq, n_heads, head_dim):
     """HF Llama "rotate_half" RoPE on `x[n, H*hd]` in place: pair `(j, j + hd/2)` of each head turns by
     `float32(positions[i]) * inv_freq[j]` (the angle rounded to float32 like HF, then exact cos/sin)."""
