@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="smollm2,minilm,onnx-gpt2")
+    ap.add_argument("--raw", action="store_true", help="also print every run")
     args = ap.parse_args()
     cases = args.cases.split(",")
     with tempfile.TemporaryDirectory(prefix="edge-rt-bench-") as t:
@@ -121,9 +122,11 @@ def main() -> int:
                     if metric == "tokens":
                         continue
                     med = [statistics.median(r[metric] for r in results[(case, name)]) for name in trees]
-                    print(f"| {case} | {metric} | " + " | ".join(f"{m:.2f}" for m in med) +
-                          f" | {med[1] / med[0]:.2f} |")
+                    ratio = f"{med[1] / med[0]:.2f}" if med[0] else "n/a"
+                    print(f"| {case} | {metric} | " + " | ".join(f"{m:.2f}" for m in med) + f" | {ratio} |")
             print(f"(medians of {args.repeat} interleaved runs, {args.threads} threads)")
+            if args.raw:
+                print(json.dumps({f"{c}/{n}": rs for (c, n), rs in results.items()}))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
     return 0

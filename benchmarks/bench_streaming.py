@@ -74,7 +74,7 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="edge-rt-bench-"))
     resident = compile_plan(a.model, "greedy_grouping", "2G", out, a.max_context)
-    weights = resident.parent / "weights.safetensors"
+    weights = resident.parent / json.loads(resident.read_text())["files"]["weights"]
     quarter = f"{weights.stat().st_size // 4 // 1024}K"
     plans = {"resident": resident,
              "sequential": compile_plan(a.model, "sequential", quarter, out, a.max_context),

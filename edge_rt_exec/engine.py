@@ -98,8 +98,12 @@ class _Bound:
     memo: dict[Any, tuple[list, Callable]] = field(default_factory=dict)  #: (in shapes, values, slot) -> call
 
     def __post_init__(self) -> None:
-        self.buffers = tuple(self.op.buffer_inputs())  #: the buffers it reads
+        self.buffers = frozenset(self.op.buffer_inputs())  #: the buffers it reads
         self.outs = tuple(o for o in self.op.outputs if o)
+        #: the buffers whose values decide its shapes or arguments
+        self.value_names = frozenset(self.op.inputs[i] for i in self.value_idx if i < len(self.op.inputs)
+                                     and self.op.inputs[i] and not self.op.inputs[i].startswith(WEIGHT_REF))
+        self.shape_only = self.op.op in ("Shape", "Size")  #: its outputs depend on its inputs' shapes only
 
 
 @dataclass
@@ -113,33 +117,36 @@ class _Program:
 class _Delta:
     """What changed since the program `base` ran, as a run goes (programs of cacheable plans only: no shape
     depends on input data). An op keeps its call from `base` unless one of its inputs changed shape or one of
-    its value inputs (a Reshape target, Slice starts) may hold other values; an op bound again makes its
-    outputs' values 'may have changed', and so does any op reading such a value."""
+    its value inputs (a Reshape target, Slice starts) may hold other values.
 
-    def __init__(self, base: _Program, shapes: dict[str, Shape]) -> None:
+    Only values that shapes are computed from matter, and those are never derived from input data (else the
+    plan would not be cacheable): so "may hold other values" is tracked for such tensors only (`clean`: not
+    derived from input data). Shape and Size outputs change only with their input's shape; any other clean
+    output may change when the op is bound again or one of its clean inputs may have changed."""
+
+    def __init__(self, base: _Program, shapes: dict[str, Shape], tainted: set[str]) -> None:
         self.base = base
+        self.tainted = tainted
         self.shapes: set[str] = {t for t, sh in shapes.items() if base.shapes.get(t) != sh}
-        self.values: set[str] = set(self.shapes)
+        self.values: set[str] = {t for t in self.shapes if t not in tainted}
 
-    def unchanged(self, b: _Bound) -> bool:
-        ins = b.buffers
-        if any(t in self.shapes for t in ins):
+    def keep(self, b: _Bound, shapes: dict[str, Shape]) -> bool:
+        """Whether `b` keeps its call from `base` (then its outputs keep their shapes, recorded in `shapes`)."""
+        if not self.shapes.isdisjoint(b.buffers) or not self.values.isdisjoint(b.value_names):
             return False
-        return not any(b.op.inputs[i] in self.values for i in b.value_idx if i < len(b.op.inputs))
-
-    def keep(self, b: _Bound, shapes: dict[str, Shape]) -> None:
         base = self.base.shapes
         for o in b.outs:
             shapes[o] = base[o]
-        if any(t in self.values for t in b.buffers):
-            self.values.update(b.outs)
+        if b.shape_only is False and not self.values.isdisjoint(b.buffers):
+            self.values.update(o for o in b.outs if o not in self.tainted)
+        return True
 
     def rebound(self, b: _Bound, shapes: dict[str, Shape]) -> None:
         base = self.base.shapes
         for o in b.outs:
             if base.get(o) != shapes.get(o):
                 self.shapes.add(o)
-        self.values.update(b.outs)
+        self.values.update(o for o in b.outs if o not in self.tainted)
 
 
 class Engine:
@@ -271,7 +278,7 @@ class Engine:
             # Shapes that changed since the last run decide which ops must be bound again; the others keep
             # their calls (an ONNX decoder's past grows every step, but most of its ops do not see it).
             base = self._last if cacheable else None
-            self._execute(prog, _Delta(base, shapes) if base is not None else None)
+            self._execute(prog, _Delta(base, shapes, self._tainted) if base is not None else None)
             if cacheable:
                 self._programs[key] = prog
                 while len(self._programs) > PROGRAMS_KEPT:
@@ -293,9 +300,8 @@ class Engine:
                     calls = []
                     for i in range(g.op_start, g.op_end):
                         b = self.ops[i]
-                        if base is not None and delta is not None and delta.unchanged(b):
+                        if base is not None and delta is not None and delta.keep(b, prog.shapes):
                             c = base[i - g.op_start]
-                            delta.keep(b, prog.shapes)
                         else:
                             c = self._bind(b, prog.shapes, g.index, s)
                             if delta is not None:

@@ -5,14 +5,15 @@
 #
 #   1. setup    ci/aarch64/setup.sh (cached: seconds when nothing changed)
 #   2. smoke    ci/aarch64/run.sh python ci/aarch64/smoke.py (numpy, numba parallel + cache, tokenizers)
-#   3. compile  on x86-64: a small synthetic GPT-2 plan and a MiniLM plan (edge_rt_compiler)
+#   3. compile  on x86-64: small synthetic GPT-2 plans (float32 streamed; q4_1 with a float16 KV cache, q4_0,
+#               q8_0, f16 resident) and a MiniLM plan (edge_rt_compiler)
 #   4. compare  compare.py run (synthetic: same 16 greedy tokens) and compare.py embed (MiniLM: max abs
 #               diff <= 1e-5), host against aarch64 emulation
 #
 # WORK_DIR (default: a new temporary folder) receives the plans, logs and the JSON reports. Every part's
 # elapsed time is printed at the end and appended to <cache>/timings.log. numba's caches persist between
 # runs (host: the executor's per-user folder; aarch64: <cache>/numba-cache), so a second run is fast.
-# EDGE_RT_AARCH64_STEP_SKIP: words among "smoke synthetic minilm" to leave out (e.g. where the MiniLM
+# EDGE_RT_AARCH64_STEP_SKIP: words among "smoke synthetic quantized minilm" to leave out (e.g. where the MiniLM
 # package is not installed). Exit status: 0 all passed, 1 a comparison or the smoke test failed, 2 setup
 # or plan compilation failed.
 set -euo pipefail
@@ -91,6 +92,22 @@ if [[ $SKIP != *" synthetic "* ]]; then
     else
         FAILED+=(compile-synthetic); finish; exit 2
     fi
+fi
+
+if [[ $SKIP != *" quantized "* ]]; then
+    # every weight format's kernels (decode matvec, prefill tiles, quantized embedding rows) and the float16 KV
+    # cache: the same greedy tokens on aarch64 as on x86-64
+    for q in q4_1 q4_0 q8_0 f16; do
+        extra=()
+        [[ $q == q4_1 ]] && extra=(kv_dtype=f16)
+        if timed "compile-synthetic-$q" compile_plan "synthetic-$q" model=synthetic_gpt2 budget=64M \
+                strategy=greedy_grouping "quant=$q" "${extra[@]}" && plan=$(plan_of "synthetic-$q"); then
+            timed "run-synthetic-$q" "$HOST_PY" "$AARCH64_DIR/compare.py" run "$plan" --prompt "Once upon a time" \
+                --max-tokens 16 --report "$WORK/compare-run-synthetic-$q.json" || FAILED+=("run-synthetic-$q")
+        else
+            FAILED+=("compile-synthetic-$q"); finish; exit 2
+        fi
+    done
 fi
 
 if [[ $SKIP != *" minilm "* ]]; then
