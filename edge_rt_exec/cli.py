@@ -65,6 +65,10 @@ def read_prompt(args: argparse.Namespace) -> str:
     elif args.prompt == "-":
         data, where = sys.stdin.buffer.read(64 << 20), "standard input"
     else:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("--prompt is not valid UTF-8 text; pass UTF-8 (or use -f FILE)") from None
         return args.prompt
     try:
         return data.decode("utf-8")
@@ -276,6 +280,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .plan import atomic_write, load_plan
 
     plan = load_plan(args.plan)
+    out_path = writable_file(args.out, "out")
     try:
         with np.load(args.inputs, allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
@@ -294,7 +299,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         eng.close()
     buf = io.BytesIO()
     np.savez(buf, **out)
-    atomic_write(Path(args.out), buf.getvalue())
+    atomic_write(out_path, buf.getvalue())
     mem = memory_report(baseline)
     info = {"out": str(args.out), "ms": round(dt * 1e3, 2), **mem,
             "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in out.items()}}

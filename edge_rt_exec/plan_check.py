@@ -85,6 +85,9 @@ def check_plan(plan: Plan, where: str) -> None:
     n_ops = len(plan.schedule)
     if n_ops == 0:
         raise _fail(where, "the schedule is empty")
+    # a buffer is read only after an op wrote it, unless it is a graph input or persistent (state, constants)
+    written = {i["name"] for i in plan.graph.get("inputs", []) if isinstance(i, dict)}
+    written |= {n for n, b in plan.buffers.items() if b.kind in ("state", "const", "slot")}
     for i, op in enumerate(plan.schedule):
         w = f"{where}: op {i} ('{op.name}')"
         if op.index != i:
@@ -109,6 +112,8 @@ def check_plan(plan: Plan, where: str) -> None:
         for t in op.buffer_inputs():
             if t not in plan.buffers:
                 raise _fail(w, f"reads unknown buffer '{t}'")
+            if t not in written and t not in op.scratch:
+                raise _fail(w, f"reads buffer '{t}' before any op writes it")
         for t in op.outputs:
             if not isinstance(t, str) or (t and t not in plan.buffers):
                 raise _fail(w, f"writes unknown buffer {t!r}")
@@ -117,6 +122,7 @@ def check_plan(plan: Plan, where: str) -> None:
         for t in op.scratch:
             if t not in plan.buffers or plan.buffers[t].kind != "scratch":
                 raise _fail(w, f"scratch '{t}' is not a scratch buffer")
+        written.update(o for o in op.outputs if o)
         if not 0 <= op.group < len(plan.groups):
             raise _fail(w, f"names group {op.group} of {len(plan.groups)}")
         if op.op == "CausalAttention":
