@@ -237,16 +237,13 @@ for _op in _CODES:
 @helper
 def softmax_line(x, out, base, n, stride, log):
     """Softmax (or log-softmax) of `n` elements of `x` from `base` with `stride` into `out` (may alias `x`).
-    Each exponential is computed once, in float64, and stored (float32); the sum accumulates in float64."""
+    Each exponential is computed once, in float64, and stored; the sum accumulates in float64. A row of only
+    -inf gives NaN, as numpy and the ONNX reference do (the attention kernels never pass one)."""
     m = -np.inf
     for t in range(n):
         v = np.float64(x[base + t * stride])
         if v > m:
             m = v
-    if m == -np.inf:  # every element -inf: no weight anywhere (an empty or fully masked row)
-        for t in range(n):
-            out[base + t * stride] = 0.0 if not log else -np.inf
-        return
     s = 0.0
     if log:
         for t in range(n):
@@ -312,8 +309,11 @@ def _softmax_warm(spec: WarmSpec) -> None:
 
 def _softmax_sample(rng: np.random.Generator) -> list[Sample]:
     x = (rng.standard_normal((3, 4, 7)) * 4).astype(np.float32)
-    return [Sample([x], {"axis": -1}), Sample([x], {"axis": 1}), Sample([rng.standard_normal((9, 5000))
-                                                                         .astype(np.float32)], {})]
+    masked = x.copy()
+    masked[0, 1, :] = -np.inf  # a fully masked row: NaN, as numpy gives
+    masked[1, 2, 3:] = -np.inf
+    return [Sample([x], {"axis": -1}), Sample([x], {"axis": 1}), Sample([masked], {"axis": -1}),
+            Sample([rng.standard_normal((9, 5000)).astype(np.float32)], {})]
 
 
 for _op, _log in (("Softmax", False), ("LogSoftmax", True)):
