@@ -27,7 +27,9 @@ from .passes.quantize import KV_DTYPES, QUANTS
 from .pipeline import CompileRequest, CompileResult, ModelRequest, compile_model
 from .sizes import fmt_bytes, parse_bytes
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: The Hydra config groups: `conf/` of the project, reached through the package's `conf` symlink in a checkout and
+#: shipped as package data in a wheel, so the compiler works installed.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 ROW_FILE = "edge_rt_row.json"
 _sweep_failed = False
 

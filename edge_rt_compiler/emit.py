@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,7 +171,10 @@ def write_weights(path: Path, g: nx.DiGraph, layout: WeightsLayout) -> tuple[str
         if sha is not None:
             return sha, True
         weights = g.graph["weights"]
-        with atomic_file(path) as f:
+        total = sum(layout.weights[n].nbytes for n in layout.order)
+        print(f"writing {path.name} ({total / 2**20:.1f} MB, {len(layout.order)} tensors)", file=sys.stderr,
+              flush=True)
+        with atomic_file(path) as f, _progress(total, path.name) as bar:
             f.write(layout.header)
             h = hashlib.sha256()
             pos = layout.data_start
@@ -186,11 +190,28 @@ def write_weights(path: Path, g: nx.DiGraph, layout: WeightsLayout) -> tuple[str
                                     "expected")
                 f.write(b)
                 h.update(b)
+                bar.update(len(b))
                 pos = loc.offset + loc.nbytes
             sha = h.hexdigest()
             f.seek(0)
             f.write(layout.header.replace(SHA_PLACEHOLDER.encode(), sha.encode(), 1))
         return sha, False
+
+
+@contextmanager
+def _progress(total: int, what: str) -> Iterator[Any]:
+    """A byte progress bar on a terminal (tqdm; nothing when stderr is not a terminal, as in CI and tests)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the compile extra brings it; without it, the one line above is all
+        class _Null:
+            def update(self, n: int) -> None:
+                pass
+        yield _Null()
+        return
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=None,
+              leave=False, file=sys.stderr) as bar:
+        yield bar
 
 
 def write_companions(folder: Path, src: ModelSource, generation: dict[str, Any]) -> dict[str, str]:
