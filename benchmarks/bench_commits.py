@@ -1,14 +1,16 @@
 """The working tree against an earlier commit, side by side in one run: same models, same prompts, same
 machine, interleaved runs, medians.
 
-  python benchmarks/bench_commits.py BASE_REF [--repeat 5] [--threads 2] [--cases smollm2,minilm,onnx-gpt2]
+  python benchmarks/bench_commits.py BASE_REF [--repeat 5] [--threads 2] [--cases smollm2,smollm2-default,minilm,onnx-gpt2]
 
-Each tree compiles its own plans with its own compiler (float32 weights in both, so the comparison is of the
-engines, not of the formats) and runs them with its own executor through the command line, so nothing but
+Each tree compiles its own plans with its own compiler (float32 weights in both except in `smollm2-default`, so the
+comparison is of the engines, not of the formats) and runs them with its own executor through the command line, so nothing but
 the code differs. Cases:
 
 - `smollm2`: SmolLM2-135M, resident 1G plan, the llama.cpp benchmark prompt as a chat message, 64 new tokens:
   decode tok/s and prefill ms (both trees' first and only run of the process, as `edge-rt-exec run` is used);
+- `smollm2-default`: the same prompt on each tree's default compile (`edge-rt-compile model=smollm2_135m`: the
+  Pi target's budget and strategy, and each tree's default weight format), also peak RSS;
 - `minilm`: all-MiniLM-L6-v2, 32 sentences: ms per sentence;
 - `onnx-gpt2`: the synthetic GPT-2 exported to ONNX with past key/values (`scripts/export_onnx.py`): decode
   ms per step (the per-op overhead of an ONNX graph).
@@ -48,12 +50,14 @@ def compile_plans(tree: Path, out: Path, cases: list[str], onnx_dir: Path) -> di
     q = ["quant=f32"] if has_quant(tree) else []
     plans: dict[str, str] = {}
 
-    def compile_one(name: str, args: list[str]) -> None:
-        text = sh([PY, "-m", "edge_rt_compiler.app", *args, f"out_dir={out / name}", *q], tree)
+    def compile_one(name: str, args: list[str], fmt: list[str] = q) -> None:
+        text = sh([PY, "-m", "edge_rt_compiler.app", *args, f"out_dir={out / name}", *fmt], tree)
         plans[name] = [ln.split("plan: ", 1)[1] for ln in text.splitlines() if ln.startswith("plan: ")][-1]
 
     if "smollm2" in cases:
         compile_one("smollm2", ["model=smollm2_135m", "budget=1G", "strategy=greedy_grouping", "max_context=512"])
+    if "smollm2-default" in cases:  # each tree's own defaults, formats included: what `edge-rt-compile` gives
+        compile_one("smollm2-default", ["model=smollm2_135m"], [])
     if "minilm" in cases:
         compile_one("minilm", ["model=minilm_l6", "budget=256M", "strategy=greedy_grouping"])
     if "onnx-gpt2" in cases:
@@ -68,12 +72,15 @@ def measure(tree: Path, case: str, plan: str, threads: int, sentences: Path, tmp
         r = json.loads(sh(base + ["embed", plan, "--file", str(sentences), "--out", str(tmp / "e.npy"), "--json",
                                   "--threads", str(threads)], tree).strip().splitlines()[-1])
         return {"ms_per_sentence": r["ms_per_sentence"]}
-    n = 64 if case == "smollm2" else 32
-    prompt = PROMPT if case == "smollm2" else "Once upon a time"
-    chat = ["--chat"] if case == "smollm2" else []  # the instruct model ends a bare prompt at once; both trees agree
+    smollm2 = case.startswith("smollm2")
+    n = 64 if smollm2 else 32
+    prompt = PROMPT if smollm2 else "Once upon a time"
+    chat = ["--chat"] if smollm2 else []  # the instruct model ends a bare prompt at once; both trees agree
     r = json.loads(sh(base + ["run", plan, "--prompt", prompt, "--max-tokens", str(n), "--json", "--threads",
                               str(threads), *chat], tree).strip().splitlines()[-1])
     out = {"decode_tok_s": r["decode_tok_s"], "prefill_ms": r["prefill_ms"], "tokens": len(r["tokens"])}
+    if case == "smollm2-default":
+        out["peak_rss_mb"] = r["peak_rss_mb"]
     if case == "onnx-gpt2":
         out = {"decode_ms_per_step": 1e3 / r["decode_tok_s"] if r["decode_tok_s"] else float("inf"),
                "tokens": len(r["tokens"])}

@@ -1,4 +1,8 @@
-"""SmolLM2-135M-Instruct fp32: HF transformers vs the edge-rt executor, side by side in one run.
+"""SmolLM2-135M-Instruct: HF transformers vs the edge-rt executor, side by side in one run.
+
+transformers loads the packaged Q4_1 GGUF dequantized to float32; edge-rt runs it as it is (`--quant keep`, the
+default: Q4_1 blocks computed in place, float32 activations, so the same arithmetic on the same weights) or
+requantized at compile time (`--quant f32` for a float32 plan, etc.).
 
 Both sides decode greedily from the same 76-token prompt (the "long" prompt of
 tests/fixtures/smollm2_reference.json) and generate 32 tokens:
@@ -20,7 +24,7 @@ processes hold CPUs, use fewer threads than free cores: both torch's OpenMP pool
   python benchmarks/bench_reference.py [--runs 3] [--threads N] [--plan PLAN] [--out-dir DIR] [--json]
 
 Without --plan it compiles a resident plan first (`edge-rt-compile model=smollm2_135m budget=1G
-strategy=greedy_grouping out_dir=DIR`, weights reused when already there). Dev-only: needs torch and transformers.
+strategy=greedy_grouping quant=Q out_dir=DIR`, weights reused when already there). Dev-only: needs torch and transformers.
 This is a benchmark, not a test: nothing is asserted, but a token mismatch between the sides is flagged.
 """
 
@@ -135,9 +139,9 @@ def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict[str,
     return json.loads(lines[-1]), peak_mb, wall
 
 
-def compile_plan(out_dir: Path) -> Path:
+def compile_plan(out_dir: Path, quant: str) -> Path:
     cmd = [bin_path("edge-rt-compile"), "model=smollm2_135m", "budget=1G", "strategy=greedy_grouping",
-           f"out_dir={out_dir}"]
+           f"quant={quant}", f"out_dir={out_dir}"]
     print("compiling:", " ".join(cmd[1:]), file=sys.stderr)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=out_dir.parent)
     if r.returncode != 0:
@@ -163,6 +167,8 @@ def main() -> None:
     ap.add_argument("--plan", type=Path, default=None, help="an edge-rt SmolLM2 plan (default: compile one)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "artifacts" / "bench_reference",
                     help="where to compile the plan when --plan is not given")
+    ap.add_argument("--quant", default="keep", choices=["keep", "f32", "f16", "q8_0", "q4_0", "q4_1"],
+                    help="edge-rt's weight format when compiling (default keep: the GGUF's Q4_1)")
     ap.add_argument("--json", action="store_true", help="also print the raw runs and medians as JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prompt", default=None, help=argparse.SUPPRESS)
@@ -177,7 +183,7 @@ def main() -> None:
     plan = args.plan
     if plan is None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        plan = compile_plan(args.out_dir.resolve())
+        plan = compile_plan(args.out_dir.resolve(), args.quant)
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     hf_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(args.threads),
               "--max-tokens", str(N_TOKENS), "--prompt", prompt]
@@ -207,7 +213,7 @@ def main() -> None:
     ]
     import platform
 
-    print(f"\nSmolLM2-135M-Instruct fp32, {N_TOKENS} greedy tokens, {args.threads} threads, median of {args.runs} "
+    print(f"\nSmolLM2-135M-Instruct, {N_TOKENS} greedy tokens, {args.threads} threads, median of {args.runs} "
           f"runs ({platform.machine()}, {os.cpu_count()} CPUs)")
     print(f"edge-rt plan: {plan} ({ours_runs[0]['strategy']}, {ours_runs[0]['weights_mode']})")
     header = ("metric", "transformers", "edge-rt", "edge-rt / HF", "")
