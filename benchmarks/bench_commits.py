@@ -1,11 +1,12 @@
 """The working tree against an earlier commit, side by side in one run: same models, same prompts, same
 machine, interleaved runs, medians.
 
-  python benchmarks/bench_commits.py BASE_REF [--repeat 5] [--threads 2] [--cases smollm2,smollm2-default,minilm,onnx-gpt2]
+  python benchmarks/bench_commits.py BASE_REF [--repeat 5] [--threads 2]
+      [--cases smollm2,smollm2-default,minilm,onnx-gpt2]
 
-Each tree compiles its own plans with its own compiler (float32 weights in both except in `smollm2-default`, so the
-comparison is of the engines, not of the formats) and runs them with its own executor through the command line, so nothing but
-the code differs. Cases:
+Each tree compiles its own plans with its own compiler (float32 weights in both except in `smollm2-default`, so
+the comparison is of the engines, not of the formats) and runs them with its own executor through the command
+line, so nothing but the code differs. Cases:
 
 - `smollm2`: SmolLM2-135M, resident 1G plan, the llama.cpp benchmark prompt as a chat message, 64 new tokens:
   decode tok/s and prefill ms (both trees' first and only run of the process, as `edge-rt-exec run` is used);

@@ -5,8 +5,8 @@
 Needs llama.cpp's Python bindings (`bash ../shared/bench/llamacpp.sh setup`, once per machine), which also make
 the F32/F16/Q8_0/Q4_0 GGUFs from the packaged Q4_1 with llama.cpp's own quantizer: every file holds the same
 model in another layout. For each format, edge-rt compiles the GGUF as it is (`quant=keep`: the file's blocks,
-never dequantized) into a resident plan, and both engines run the same prompt (the 76-token prompt of
-`llamacpp.sh`) greedily for the same number of new tokens at the same thread count. Runs are interleaved
+never dequantized) into a resident plan, and both engines run the same prompt (`llamacpp.sh`'s, 46 tokens, or
+`--prompt-fixture long`: 76) greedily for the same number of new tokens at the same thread count. Runs are interleaved
 (format by format, engine by engine, repeat by repeat) so drift on a shared machine hits both alike;
 medians are reported. Both engines are measured the same way: the model loaded once, then the prompt and the
 new tokens run several times in one process (the KV cache reset each time), medians. Decode tok/s counts the
@@ -79,13 +79,22 @@ print(json.dumps({"prefill_ms": statistics.median(r.prefill_ms for r in runs),
 """
 
 
-def run_edge_rt(plan: str, threads: int, n: int) -> dict:
-    out = sh([sys.executable, "-c", CHILD, plan, str(threads), str(n), PROMPT])
+def fixture_prompt(name: str) -> str:
+    prompts = json.loads((ROOT / "tests" / "fixtures" / "smollm2_reference.json").read_text("utf-8"))["prompts"]
+    for p in prompts:
+        if p["name"] == name:
+            return p["text"]
+    raise SystemExit(f"bench_llamacpp: no prompt named {name!r} in tests/fixtures/smollm2_reference.json "
+                     f"(there are: {', '.join(p['name'] for p in prompts)})")
+
+
+def run_edge_rt(plan: str, threads: int, n: int, prompt: str) -> dict:
+    out = sh([sys.executable, "-c", CHILD, plan, str(threads), str(n), prompt])
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_llamacpp(fmt: str, threads: int, n: int) -> dict:
-    out = sh(["bash", str(SHARED), "run", "--threads", str(threads), "--new-tokens", str(n), fmt])
+def run_llamacpp(fmt: str, threads: int, n: int, prompt: str) -> dict:
+    out = sh(["bash", str(SHARED), "run", "--threads", str(threads), "--new-tokens", str(n), "--prompt", prompt, fmt])
     r = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     if "error" in r:
         raise SystemExit(f"llama.cpp {fmt}: {r['error']}")
@@ -99,7 +108,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--json", action="store_true", help="also print every run as JSON lines")
+    ap.add_argument("--prompt", default=PROMPT, help="the prompt text (default: llamacpp.sh's, 46 tokens)")
+    ap.add_argument("--prompt-fixture", default=None, metavar="NAME",
+                    help="a prompt of tests/fixtures/smollm2_reference.json instead (`long`: 76 tokens)")
     args = ap.parse_args()
+    prompt = fixture_prompt(args.prompt_fixture) if args.prompt_fixture else args.prompt
     formats = args.formats.split(",")
     paths = gguf_paths()
     with tempfile.TemporaryDirectory(prefix="edge-rt-vs-llamacpp-") as tmp:
@@ -107,8 +120,8 @@ def main() -> int:
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(args.repeat):
             for f in formats:
-                runs.setdefault((f, "edge-rt"), []).append(run_edge_rt(plans[f], args.threads, args.new_tokens))
-                runs.setdefault((f, "llama.cpp"), []).append(run_llamacpp(f, args.threads, args.new_tokens))
+                runs.setdefault((f, "edge-rt"), []).append(run_edge_rt(plans[f], args.threads, args.new_tokens, prompt))
+                runs.setdefault((f, "llama.cpp"), []).append(run_llamacpp(f, args.threads, args.new_tokens, prompt))
     if args.json:
         for (f, eng), rs in runs.items():
             for r in rs:

@@ -24,7 +24,8 @@ processes hold CPUs, use fewer threads than free cores: both torch's OpenMP pool
   python benchmarks/bench_reference.py [--runs 3] [--threads N] [--plan PLAN] [--out-dir DIR] [--json]
 
 Without --plan it compiles a resident plan first (`edge-rt-compile model=smollm2_135m budget=1G
-strategy=greedy_grouping quant=Q out_dir=DIR`, weights reused when already there). Dev-only: needs torch and transformers.
+strategy=greedy_grouping quant=Q out_dir=DIR`, weights reused when already there). Dev-only: needs torch and
+transformers.
 This is a benchmark, not a test: nothing is asserted, but a token mismatch between the sides is flagged.
 """
 

@@ -5,8 +5,9 @@ min(read bandwidth, compute). Side by side in one run, medians over runs.
     .venv/bin/python benchmarks/bench_streaming.py [--model smollm2_135m] [--repeat 5] [--max-tokens 32]
 
 The roofline of a streamed token is max(bytes read / pread bandwidth, the resident plan's compute time):
-with perfect overlap a token costs the slower of the two. The read time is one token's group reads, as the
-plan makes them, on the same weights file (page cache, as on a board whose RAM holds the file; an SD card is far slower).
+with perfect overlap a token costs the slower of the two. The read time is one token's group reads, as
+the plan makes them, on the same weights file (page cache, as on a board whose RAM holds the file; an SD card is
+far slower).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def main() -> None:
     bw = read_bytes / t_read / 1e9
     t_compute = 1.0 / med["resident"]["decode_tok_s"]
     roof = 1.0 / max(t_read, t_compute)
-    print(f"model {a.model}, weights {size / 2**20:.0f} MB, budget {quarter} (a quarter of the weights for slots), max_context {a.max_context}, "
+    print(f"model {a.model}, weights {size / 2**20:.0f} MB, budget {quarter} (a quarter of the weights for slots), "
+          f"max_context {a.max_context}, "
           f"{a.repeat} runs each, medians")
     print(f"{'plan':<22}{'decode tok/s':>14}{'prefill ms':>12}{'plan RSS MB':>13}{'read s':>9}{'wait s':>9}"
           f"{'compute s':>11}")
@@ -106,7 +108,8 @@ def main() -> None:
               f"{m['wait_s']:>9.3f}{m['compute_s']:>11.3f}")
     ratio = med["speculative_prefetch"]["decode_tok_s"] / med["sequential"]["decode_tok_s"]
     print(f"speculative_prefetch / sequential decode: {ratio:.2f}x (target >= 1.3x)")
-    print(f"pread of one token's groups ({read_bytes / 2**20:.0f} MB) {t_read * 1e3:.1f} ms ({bw:.1f} GB/s); resident compute {t_compute * 1e3:.1f} "
+    print(f"pread of one token's groups ({read_bytes / 2**20:.0f} MB) {t_read * 1e3:.1f} ms ({bw:.1f} GB/s); "
+          f"resident compute {t_compute * 1e3:.1f} "
           f"ms/token; roofline {roof:.1f} tok/s; speculative_prefetch at "
           f"{100 * med['speculative_prefetch']['decode_tok_s'] / roof:.0f}% of it (target >= 80%)")
     same = len({json.dumps(r["tokens"]) for rs in runs.values() for r in rs}) == 1
