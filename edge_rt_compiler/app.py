@@ -10,7 +10,9 @@ Examples:
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +139,43 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep_size(overrides: list[str]) -> int | None:
+    """How many jobs a multirun of these command-line overrides launches (the basic sweeper's product of every
+    sweep's choices), or None when it cannot be told (a sweeper plugin's own syntax)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        n = 1
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if o.is_sweep_override():
+                n *= sum(1 for _ in o.sweep_string_iterator())
+        return n
+    except Exception:  # noqa: BLE001 -- only the progress line depends on it
+        return None
+
+
+_SWEEP_ENV = "EDGE_RT_SWEEP_PROGRESS"  # "<total> <start time>", inherited by a launcher's worker processes
+
+
 class SweepSummary(Callback):
-    """After a multirun: one table across the sweep, also written as summary.md / summary.json."""
+    """A multirun's progress (a line as each job starts: its number, the total, elapsed time and an estimate of
+    the rest) and, at its end, one table across the sweep, also written as summary.md / summary.json."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = sweep_size(list(config.hydra.overrides.task))
+        os.environ[_SWEEP_ENV] = f"{total or 0} {time.time()}"
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        state = os.environ.get(_SWEEP_ENV, "").split()
+        if len(state) != 2 or config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
+            return
+        total, t0 = int(state[0]), float(state[1])
+        k = int(config.hydra.job.num)
+        elapsed = time.time() - t0
+        eta = f", about {elapsed / k * (total - k):.0f} s left" if k and total else ""
+        of = f"/{total}" if total else ""
+        print(f"sweep [{k + 1}{of}] {' '.join(config.hydra.overrides.task)} ({elapsed:.0f} s elapsed{eta})",
+              flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep_failed

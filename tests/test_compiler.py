@@ -403,6 +403,8 @@ def test_multirun_sweep_writes_every_plan_and_one_table(tmp_path):
     plans = [ln.split("plan: ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("plan: ")]
     assert len(plans) == 4 and all(Path(p).exists() for p in plans)
     assert "sweep summary (4 plans" in r.stdout
+    progress = [ln for ln in r.stdout.splitlines() if ln.startswith("sweep [")]
+    assert [ln.split("]")[0] for ln in progress] == [f"sweep [{k}/4" for k in range(1, 5)], progress
     summary = list((tmp_path / ".sweeps").glob("*/summary.json"))
     assert len(summary) == 1 and len(json.loads(summary[0].read_text())) == 4
     assert r.stdout.count("weights written") == 1
