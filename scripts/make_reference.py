@@ -59,6 +59,9 @@ SMOLLM2_PROMPTS: list[tuple[str, str, bool]] = [
              "of the hundred clocks on his walls, and listened carefully as they began to tick together. One "
              "day a young girl walked in carrying a broken pocket watch that had stopped at exactly midnight.",
      False),  # 76 tokens: benchmarks/bench_reference.py's prefill prompt
+    # numerals: the smollm pre-tokenizer gives every digit its own token, and the model continues the list
+    ("digits", "Apollo 11 launched on July 16, 1969 at 13:32 UTC. Its Saturn V rocket was 110.6 m tall and "
+               "weighed 2,970,000 kg. List 5 more facts:\n1.", False),
 ]
 
 _LONG_SENTENCE = " ".join(

@@ -5,10 +5,11 @@
   for streamed ones (one slot; two slots with the prefetch thread). Skipped when torch/transformers are absent.
 * partitioning never changes results: the synthetic model gives the same greedy tokens (and bit-identical
   prompt logits) for every strategy x budget (resident and streamed).
-* `slow` (run with `--slow`): SmolLM2-135M-Instruct (greedy tokens and prompt ids; resident plan, and a
-  streamed two-slot plan on two prompts) and all-MiniLM-L6-v2 (embeddings; resident and streamed) against the
-  fixtures written by `scripts/make_reference.py` (HF transformers / sentence-transformers); the tests
-  themselves need neither torch nor transformers.
+* `slow` (run with `--slow`): SmolLM2-135M-Instruct (greedy tokens and prompt ids on every prompt of the
+  fixture: plain, chat template, unicode, a long prefill, and numerals, which its tokenizer splits digit by
+  digit; resident plan and a streamed two-slot plan) and all-MiniLM-L6-v2 (embeddings; resident and streamed)
+  against the fixtures written by `scripts/make_reference.py` (HF transformers / sentence-transformers); the
+  tests themselves need neither torch nor transformers.
 
 Plans are compiled in-process with `compile_model` into pytest temporary folders.
 """
@@ -247,6 +248,14 @@ def smollm2_streamed_session(smollm2_dir: Path):
 
 
 SMOLLM2_PROMPTS = [p["name"] for p in _smollm2_fixture()["prompts"]] if SMOLLM2_FIXTURE.exists() else []
+
+
+def test_smollm2_fixture_covers_chat_and_digits():
+    """The prompts keep covering the chat template and numerals (each digit is its own token for SmolLM2)."""
+    prompts = _smollm2_fixture()["prompts"]
+    assert any(p["chat"] for p in prompts)
+    digit_prompts = [p["name"] for p in prompts if sum(c.isdigit() for c in p["text"]) >= 10]
+    assert digit_prompts, "no SmolLM2 fidelity prompt has numerals; add one in scripts/make_reference.py"
 
 
 def _check_smollm2(s: Session, name: str) -> None:

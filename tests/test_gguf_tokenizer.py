@@ -1,11 +1,12 @@
 """tokenizer.json rebuilt from GGUF metadata: synthetic vocabularies, and the real SmolLM2 file compared to
-llama.cpp (`llama_cpp`, the original tokenizer) and to transformers' own GGUF tokenizer conversion."""
+llama.cpp (the original tokenizer: its ids are committed in tests/fixtures/smollm2_llamacpp_token_ids.json by
+scripts/make_llamacpp_token_ids.py) and to transformers' own GGUF tokenizer conversion."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
-import random
 import unicodedata
 from pathlib import Path
 
@@ -20,39 +21,11 @@ from edge_rt_compiler.frontends.gguf_tokenizer import (  # noqa: E402
 )
 from edge_rt_exec.errors import UserError  # noqa: E402
 
+from .gguf_tokenizer_texts import PLAIN_TEXTS, SPECIAL_TEXTS, fuzz_texts, llama_cpp_sections  # noqa: E402
+
 REAL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: text without special tokens: the round trip decode(encode(x)) == x must hold
-PLAIN_TEXTS = [
-    "Hello world",
-    "Hi",
-    "café naïve Zürich Ünïcödé façade résumé",
-    "日本語のテキストと中文和한국어",
-    "emoji 😀🎉 flags 🏳️‍🌈 family 👨‍👩‍👧 skin 👍🏽",
-    "a   b    c\t\td  ",
-    "   leading spaces",
-    "trailing spaces   ",
-    "\n\nnew\nlines\r\n\r\nwindows\n\n\n",
-    "digits 0 12 345 6789 3.14159 1,000,000 2024-06-01 ½ ² ١٢٣ Ⅻ",
-    "x  1, y   22\n    1. item\n    2. item\n\t3",
-    "I'm sure you'll see they're WE'RE it's",
-    "def f(x):\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
-    "if (a[i] != b[j]) { c += d->e; } // C++ && || <<= >>",
-    "<div class=\"x\">&amp;</div> https://example.com/a?b=c&d=e#f",
-    "mixed\u00a0nbsp\u3000ideographic\u2028line\u2029para\u200bzw",
-    "combining e\u0301 vs \u00e9, Å vs A\u030a",
-    "",
-    " ",
-]
-SPECIAL_TEXTS = [
-    "<|im_start|>user\nHi<|im_end|>",
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-    "x<|im_end|>y<|im_start|>z<|endoftext|>",
-    "<|im_start|><|im_start|>  <|im_end|>\n\n<file_sep><filename>a.py",
-    "almost special <|im_ start|> <|im_end| > <|endoftext",
-]
-
+LLAMA_CPP_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "smollm2_llamacpp_token_ids.json"
+REGENERATE = "~/.cache/edge-rt-bench/llamacpp-venv/bin/python scripts/make_llamacpp_token_ids.py"
 
 # ------------------------------------------------------------------------------------------------ synthetic
 
@@ -193,31 +166,39 @@ def ours(real_path):
     return Tokenizer.from_str(tokenizer_json_from_gguf(gguf.GGUFReader(real_path), where=str(real_path)))
 
 
-@pytest.fixture(scope="module")
-def llama_cpp_vocab(real_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the original tokenizer) not installed")
-    return llama_cpp.Llama(model_path=str(real_path), vocab_only=True, verbose=False)
-
-
-def _fuzz_texts(n: int, seed: int = 0) -> list[str]:
-    pool = (list("abcXYZ ") * 5 + list("0123456789") + list("  \n\n\t\r'’\"`.,;:!?-_()[]{}<>/\\|@#$%^&*+=~")
-            + list("éüñçÅßøœ") + list("日本語中文한국어")
-            + ["😀", "🏳️‍🌈", "\u0301", "\u200d", "\u00a0", "\u3000", "\u2028", "½", "²", "٣", "Ⅻ"]
-            + ["'s", "'ll", "'RE", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>", "<|im_"])
-    rng = random.Random(seed)
-    return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @pytest.mark.slow
-def test_real_matches_llama_cpp(ours, llama_cpp_vocab):
-    texts = PLAIN_TEXTS + SPECIAL_TEXTS + _fuzz_texts(1500)
+def test_real_matches_llama_cpp(ours, real_path):
+    """Our ids equal llama.cpp's on every text of the committed fixture: plain and special texts, curated
+    numerals (digits are isolated one by one, which transformers' conversion gets wrong, see below), code,
+    unicode, whitespace runs, and seeded fuzz texts."""
+    ref = json.loads(LLAMA_CPP_FIXTURE.read_text(encoding="utf-8"))
+    sha = _sha256(real_path)
+    assert ref["model"]["file"] == real_path.name and ref["model"]["sha256"] == sha, (
+        f"{LLAMA_CPP_FIXTURE.name} was made from {ref['model']['file']} sha256 {ref['model']['sha256']}, but the "
+        f"installed {real_path} has sha256 {sha}; regenerate the fixture with `{REGENERATE}`")
+    assert ref["options"] == {"add_bos": True, "special": True}, ref["options"]
+    want_texts = llama_cpp_sections()
+    got_texts = {name: [text for text, _ in pairs] for name, pairs in ref["sections"].items()}
+    assert got_texts == want_texts, (
+        f"the texts of {LLAMA_CPP_FIXTURE.name} differ from tests/gguf_tokenizer_texts.py (sections "
+        f"{sorted(k for k in set(want_texts) | set(got_texts) if want_texts.get(k) != got_texts.get(k))}); "
+        f"regenerate the fixture with `{REGENERATE}`")
+    assert len(ref["sections"]["numerals"]) > 100
     mismatches = []
-    for text in texts:
-        want = llama_cpp_vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        got = ours.encode(text).ids  # add_special_tokens=True: llama.cpp's add_bos (False for this file)
-        if got != want:
-            mismatches.append((text, want, got))
-    assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[0]!r}"
+    for name, pairs in ref["sections"].items():
+        for text, want in pairs:
+            got = ours.encode(text).ids  # add_special_tokens=True: llama.cpp's add_bos (False for this file)
+            if got != want:
+                mismatches.append(f"{name}: {text!r}: llama.cpp {want}, ours {got}")
+    assert not mismatches, f"{len(mismatches)} of {ref['n_texts']} texts differ:\n" + "\n".join(mismatches[:40])
 
 
 @pytest.mark.slow
@@ -228,19 +209,19 @@ def test_real_matches_transformers_gguf_tokenizer(ours, real_path):
     # not isolate numerals first. That changes more than numerals: '    1.' is '   ' + ' 1' for it but
     # '    ' + '1' for llama.cpp (and us). So compare only texts without any numeral.
     compared = 0
-    for text in PLAIN_TEXTS + SPECIAL_TEXTS + _fuzz_texts(800, seed=2):
+    for text in PLAIN_TEXTS + SPECIAL_TEXTS + fuzz_texts(800, seed=2):
         if any(unicodedata.category(c)[0] == "N" for c in text):
             continue
         assert ours.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False), text
         compared += 1
     assert compared > 100
-    # where they differ, we follow llama.cpp (checked in test_real_matches_llama_cpp)
+    # where they differ, we follow llama.cpp (checked on every numeral text in test_real_matches_llama_cpp)
     assert ours.encode("    1. item").ids[:2] == [289, 33]  # '    ' '1'
 
 
 @pytest.mark.slow
 def test_real_round_trip_and_specials(ours):
-    for text in PLAIN_TEXTS + _fuzz_texts(300, seed=1):
+    for text in PLAIN_TEXTS + fuzz_texts(300, seed=1):
         if "<|" in text or "<file_sep>" in text:
             continue
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
