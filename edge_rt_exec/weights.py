@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,12 +62,21 @@ def verify_weights_sha(plan: Plan, st: SafetensorsFile) -> bool:
     return h.hexdigest() == plan.files.get("weights_sha256")
 
 
+#: How many of the latest read and use spans `StreamStats` keeps.
+SPANS_KEPT = 256
+
+
 @dataclass
 class StreamStats:
     read_bytes: int = 0
     read_s: float = 0.0  #: time the reader spent in pread
     wait_s: float = 0.0  #: time compute waited for a slot to be filled
     reads: int = 0
+    #: the latest reads: (position in the cyclic read sequence, group index, perf_counter at start, at end)
+    read_spans: deque[tuple[int, int, float, float]] = field(default_factory=lambda: deque(maxlen=SPANS_KEPT))
+    #: the latest uses of a filled slot, from `acquire` returning it to `release` (the engine runs the group's
+    #: ops in between): (position in the cyclic read sequence, group index, perf_counter at start, at end)
+    use_spans: deque[tuple[int, int, float, float]] = field(default_factory=lambda: deque(maxlen=SPANS_KEPT))
 
 
 class GroupStreamer:
@@ -80,6 +90,7 @@ class GroupStreamer:
         self.stats = StreamStats()
         self._k = 0  # consumer's position in the cyclic read sequence
         self._held: list[int | None] = [None] * len(slots)  # group index each slot holds (sync mode)
+        self._use_start = 0.0  # when `acquire` returned the slot in use
         self._thread: threading.Thread | None = None
         if self.prefetch:
             self._cv = threading.Condition()
@@ -90,13 +101,15 @@ class GroupStreamer:
             self._thread = threading.Thread(target=self._reader, name="edge-rt-prefetch", daemon=True)
             self._thread.start()
 
-    def _read(self, g: Group, slot: int) -> None:
+    def _read(self, g: Group, slot: int, k: int) -> None:
         t0 = time.perf_counter()
         n = g.byte_end - g.byte_start
         self.st.file.read_into(g.byte_start, self.slots[slot][:n], f"group {g.index}")
-        self.stats.read_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.read_s += t1 - t0
         self.stats.read_bytes += n
         self.stats.reads += 1
+        self.stats.read_spans.append((k, g.index, t0, t1))
 
     def _reader(self) -> None:
         k = 0
@@ -109,7 +122,7 @@ class GroupStreamer:
                     if self._stop:
                         return
                     self._free[s] = False
-                self._read(self.seq[k % len(self.seq)], s)
+                self._read(self.seq[k % len(self.seq)], s, k)
                 with self._cv:
                     self._filled[s] = k
                     self._cv.notify_all()
@@ -128,9 +141,10 @@ class GroupStreamer:
             s = self._k % len(self.slots)
             if self._held[s] != g.index:
                 t0 = time.perf_counter()
-                self._read(g, s)
+                self._read(g, s, self._k)
                 self.stats.wait_s += time.perf_counter() - t0
                 self._held[s] = g.index
+            self._use_start = time.perf_counter()
             return s
         s = self._k % len(self.slots)
         t0 = time.perf_counter()
@@ -139,11 +153,13 @@ class GroupStreamer:
                 self._cv.wait()
             if self._error is not None:
                 raise self._error
-        self.stats.wait_s += time.perf_counter() - t0
+        self._use_start = time.perf_counter()
+        self.stats.wait_s += self._use_start - t0
         return s
 
     def release(self, g: Group) -> None:
         s = self._k % len(self.slots)
+        self.stats.use_spans.append((self._k, g.index, self._use_start, time.perf_counter()))
         self._k += 1
         if self.prefetch:
             with self._cv:

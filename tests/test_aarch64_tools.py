@@ -228,7 +228,8 @@ def _emulation_ready() -> bool:
         shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64"))
 
 
-needs_emulation = pytest.mark.skipif(not _emulation_ready(), reason="ci/aarch64/setup.sh has not been run")
+needs_emulation = pytest.mark.skipif(not _emulation_ready(),
+                                     reason="no aarch64 device: its emulation (ci/aarch64/setup.sh) is not set up")
 
 
 @needs_emulation

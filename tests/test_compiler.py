@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from edge_rt_compiler.interpret import evaluate
 from edge_rt_compiler.ir import Data, TensorSpec, Weight
 from edge_rt_compiler.partition import STRATEGIES, fmt_bytes, parse_bytes
 from edge_rt_compiler.validate import validate
-from edge_rt_compiler.verify import verify_plan
+from edge_rt_compiler.verify import derived_lifetimes, verify_plan
 from edge_rt_exec.errors import InternalError, UserError
 from edge_rt_exec.plan import load_plan
 
@@ -271,11 +272,27 @@ def test_auto_is_a_registered_strategy_weighing_the_others(synth_dir, target):
 
 def test_verifier_catches_overlap_and_budget(synth_dir, target):
     p = compile_synth(synth_dir, "greedy_grouping", 16 * MiB, target).plan
-    acts = [b for b in p.buffers.values() if b.kind == "activation"]
-    a, b = acts[0], acts[1]
-    assert a.first <= b.last and b.first <= a.last or True
+    verify_plan(p)  # the plan as compiled is accepted (it reuses bytes only across disjoint lifetimes)
+    life = derived_lifetimes(p)
+
+    def live_together(x: str, y: str) -> bool:
+        (f0, l0), (f1, l1) = life[x], life[y]
+        return f0 <= l1 and f1 <= l0
+
+    # an op's activation input and its activation output are both live at that op, on distinct bytes
+    acts = {n for n, x in p.buffers.items() if x.kind == "activation" and x.nbytes > 0}
+    a, b = next((p.buffers[i], p.buffers[o]) for op in p.schedule for i in op.buffer_inputs() if i in acts
+                for o in op.outputs if o in acts)
+    assert live_together(a.name, b.name) and (a.first, a.last) == life[a.name] and (b.first, b.last) == life[b.name]
+    assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+    bad = load_plan(p.path)
+    bad.buffers[b.name].offset = bad.buffers[a.name].offset  # two activations live together on the same bytes
+    pair = "|".join(re.escape(n) for n in (a.name, b.name))
+    with pytest.raises(InternalError, match=f"buffers ({pair}) \\S+ and ({pair}) \\S+ are live together at op \\d+"):
+        verify_plan(bad)
     bad = load_plan(p.path)
     live = [x for x in bad.buffers.values() if x.kind == "state"]
+    assert len(live) >= 2 and live_together(live[0].name, live[1].name)  # KV caches live for the whole run
     live[1].offset = live[0].offset  # two KV caches on the same bytes
     with pytest.raises(InternalError, match="overlap"):
         verify_plan(bad)

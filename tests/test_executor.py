@@ -69,21 +69,43 @@ def test_same_tokens_for_every_strategy(plans):
         assert o["within_budget"], o
 
 
-def test_prefetch_overlaps_reads_with_compute(plans):
+def _streamed_spans(plan_path: Path, tokens: int):  # noqa: ANN202
+    """(streamed groups, streamer stats) after generating `tokens` tokens with the plan."""
     from edge_rt_exec.generate import Session
 
-    s = Session(plans["prefetch"])
+    s = Session(plan_path)
     try:
-        assert s.engine.streamer.prefetch
-        ids = s.encode_prompt("The quick brown fox")
-        s.generate(ids, max_tokens=8, ignore_eos=True)
-        st = s.engine.streamer.stats
-        groups = [g for g in s.plan.groups if g.slot is not None]
-        # every token reads every streamed group, and the reader runs ahead of compute
-        assert st.reads >= 8 * len(groups)
-        assert st.read_bytes >= 8 * sum(g.byte_end - g.byte_start for g in groups)
+        prefetch = s.engine.streamer.prefetch
+        s.generate(s.encode_prompt("The quick brown fox"), max_tokens=tokens, ignore_eos=True)
+        return prefetch, [g for g in s.plan.groups if g.slot is not None], s.engine.streamer.stats
     finally:
         s.close()
+
+
+def _live_together(a: tuple[int, int, float, float], b: tuple[int, int, float, float]) -> bool:
+    """Whether two (sequence number, group, start, end) spans intersect in time."""
+    return a[2] < b[3] and b[2] < a[3]
+
+
+def test_prefetch_overlaps_reads_with_compute(plans):
+    """The reader thread reads group g+1 while the engine computes on group g (speculative_prefetch); a
+    one-slot plan reads a group only while nothing computes. From the streamer's read and use spans, not speed."""
+    prefetch, groups, st = _streamed_spans(plans["prefetch"], 8)
+    assert prefetch and len(groups) >= 2
+    # every token reads every streamed group
+    assert st.reads >= 8 * len(groups)
+    assert st.read_bytes >= 8 * sum(g.byte_end - g.byte_start for g in groups)
+    reads = {r[0]: r for r in st.read_spans}
+    uses = list(st.use_spans)
+    assert len(uses) >= 8 * len(groups)
+    assert all(reads[u[0]][1] == u[1] for u in uses if u[0] in reads)  # each use is of its own read's group
+    overlapped = [u for u in uses if u[0] + 1 in reads and _live_together(u, reads[u[0] + 1])]
+    assert overlapped, "no read of group g+1 happened while group g was computed"
+
+    prefetch, groups, st = _streamed_spans(plans["sequential"], 4)
+    assert not prefetch and len(groups) >= 2 and len(st.use_spans) >= 4 * len(groups)
+    assert not [(u, r) for u in st.use_spans for r in st.read_spans if _live_together(u, r)], \
+        "a sequential plan read a group while computing"
 
 
 def test_validate_mode_runs_numpy_twins(plans):

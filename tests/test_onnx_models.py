@@ -165,6 +165,7 @@ def test_llama_with_past_steps_match_onnxruntime(work: Path, strategy: str):
         for i in sess.get_inputs()
         if i.name.startswith("past")
     }
+    assert len(pasts) >= 2  # the export has past key/value inputs
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 512, 11)] + [rng.integers(0, 512, 1) for _ in range(4)]
     eng = Engine(res.plan)
@@ -180,7 +181,9 @@ def test_llama_with_past_steps_match_onnxruntime(work: Path, strategy: str):
                 )
             )
             pasts = {n: o[n.replace("past_key_values", "present")] for n in pasts}
+            assert all(v.shape[2] == total for v in pasts.values())  # the reference's pasts hold every token
             got = dec.prefill(c) if k == 0 else dec.step(c)
+            assert dec.pos == total and dec.tokens == [int(t) for t in np.concatenate(chunks[: k + 1])]
             err = float(np.abs(got - o["logits"][0, -1]).max())
             assert err <= ATOL, f"step {k}: logits differ from onnxruntime by {err}"
     finally:
@@ -196,21 +199,21 @@ def gpt2_past(work: Path, gpt2_folder: Path) -> Path:
 
 
 def _greedy_reference(folder: Path, prompt: str, n: int) -> list[int]:
+    """Exactly `n` greedy tokens from transformers, stepping with its past key/values and never stopping at the
+    end-of-sequence token (as `run --ignore-eos`)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
 
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
     m = GPT2LMHeadModel.from_pretrained(folder).eval()
+    out: list[int] = []
     with torch.no_grad():
-        out = m.generate(
-            torch.tensor([ids]),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        )
-    return out[0, len(ids) :].tolist()
+        o = m(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            out.append(int(o.logits[0, -1].argmax()))
+            o = m(torch.tensor([[out[-1]]]), cache=o.cache, use_cache=True)
+    return out
 
 
 @pytest.mark.parametrize("strategy", ["greedy_grouping", "sequential", "speculative_prefetch"])
@@ -229,6 +232,7 @@ def test_gpt2_with_past_generates_like_transformers(work: Path, gpt2_folder: Pat
             "Once upon a time, in a land far away,",
             "--max-tokens",
             "12",
+            "--ignore-eos",
             "--json",
         ],
         capture_output=True,
@@ -239,8 +243,9 @@ def test_gpt2_with_past_generates_like_transformers(work: Path, gpt2_folder: Pat
     out = json.loads(r.stdout)
     assert out["within_budget"], out
     got = out["tokens"]
+    assert len(got) == 12 and out["stop_reason"] == "max_tokens", out  # 11 steps with past key/values fed back
     want = _greedy_reference(gpt2_folder, "Once upon a time, in a land far away,", 12)
-    assert got == want[: len(got)] and len(got) >= 1
+    assert got == want
 
 
 def test_gpt2_without_past_generates_and_says_so(work: Path, gpt2_folder: Path):
@@ -258,6 +263,7 @@ def test_gpt2_without_past_generates_and_says_so(work: Path, gpt2_folder: Path):
             "Once upon a time, in a land far away,",
             "--max-tokens",
             "8",
+            "--ignore-eos",
             "--json",
         ],
         capture_output=True,
@@ -266,9 +272,11 @@ def test_gpt2_without_past_generates_and_says_so(work: Path, gpt2_folder: Path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("recomputing the whole sequence") == 1, r.stderr
+    out = json.loads(r.stdout)
+    got = out["tokens"]
+    assert len(got) == 8 and out["stop_reason"] == "max_tokens", out  # 7 steps recomputing the sequence
     want = _greedy_reference(gpt2_folder, "Once upon a time, in a land far away,", 8)
-    got = json.loads(r.stdout)["tokens"]
-    assert got == want[: len(got)] and len(got) >= 1
+    assert got == want
 
 
 @pytest.mark.parametrize("strategy", ["sequential", "speculative_prefetch"])

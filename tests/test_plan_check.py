@@ -192,13 +192,3 @@ def test_symlink_out_of_the_folder_and_fifos(plans, tmp_path: Path) -> None:
     fifo_plan = tmp_path / "fifo.plan.json"
     os.mkfifo(fifo_plan)
     _one_line_exit_2(exec_cli("run", str(fifo_plan), "-p", "hi"))
-
-
-def test_verification_is_cheap(plans) -> None:
-    """Not a timing assertion: the verifier is linear-ish; this records its cost on the synthetic plan."""
-    import time
-
-    t0 = time.perf_counter()
-    for _ in range(10):
-        load_plan(plans["resident"])
-    print(f"load_plan + verification: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms")

@@ -221,16 +221,42 @@ def test_unreadable_thermal_zone_is_none(tmp_path, kind):
     format_status(s, recommend(s))  # renders without raising
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read mode-000 files")
-def test_permission_denied_zone_is_none(tmp_path):
+def test_permission_denied_zone_is_none(tmp_path, monkeypatch):
+    """A zone whose temp cannot be read (EACCES) is listed with temp_c None, the other zones read as usual.
+    The PermissionError is simulated at `open` (root reads mode-000 files, and CI runs as root); when not
+    root, a real mode-000 file is read too."""
+    import builtins
+    import errno
+
     root = tmp_path / "root"
+    _write(root, "sys/class/thermal/thermal_zone0/type", "cpu-thermal\n")
     p = _write(root, "sys/class/thermal/thermal_zone0/temp", "51000\n")
-    p.chmod(0)
-    try:
+    _write(root, "sys/class/thermal/thermal_zone1/temp", "42000\n")
+    want = [{"source": "sysfs", "name": "thermal_zone0", "type": "cpu-thermal", "temp_c": None},
+            {"source": "sysfs", "name": "thermal_zone1", "type": None, "temp_c": 42.0}]
+    denied: list[str] = []
+
+    def open_denying(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if os.fspath(file) == str(p):
+            denied.append(os.fspath(file))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return builtins.open(file, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "open", open_denying, raising=False)  # the name status.py's reads resolve first
         s = collect_status(str(root), run_vcgencmd=False)
-    finally:
-        p.chmod(0o644)
-    assert s["thermal"][0]["temp_c"] is None
+    assert denied == [str(p)]  # the denied read is the zone's temp, and it was attempted once
+    assert s["thermal"] == want
+    _assert_json(s)
+    format_status(s, recommend(s))  # renders without raising
+    assert collect_status(str(root), run_vcgencmd=False)["thermal"][0]["temp_c"] == 51.0  # readable again
+    if os.geteuid() != 0:  # a real EACCES from the kernel (root would read the file)
+        p.chmod(0)
+        try:
+            s = collect_status(str(root), run_vcgencmd=False)
+        finally:
+            p.chmod(0o644)
+        assert s["thermal"] == want
 
 
 def test_thermal_zones_sorted_numerically(tmp_path):
