@@ -9,6 +9,8 @@ at one op: no placement can beat it. `lay_out` places slots, state and activatio
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,43 +73,120 @@ def naive(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> LayoutResult
     return LayoutResult("naive", offsets, off)
 
 
+class _TimeIndex:
+    """Placed buffers by lifetime, to enumerate those live at some op of `[first, last]` without looking at the
+    others (an interval index over op positions, two iterative segment trees): a buffer is stored at the
+    O(log T) nodes that cover its lifetime (tree `cover`) and at the O(log T) nodes on its first op's path
+    (tree `starts`). A buffer meets `[first, last]` iff its lifetime holds `first` (the nodes on `first`'s
+    path in `cover`) or it starts in `(first, last]` (the nodes covering that range in `starts`), never both.
+    Adding costs O(log T); a query O(log T + k) for the k buffers it returns."""
+
+    def __init__(self, n_times: int) -> None:
+        self.size = 1 << max(0, n_times - 1).bit_length()
+        self.cover: list[list[tuple[int, int]] | None] = [None] * (2 * self.size)
+        self.starts: list[list[tuple[int, int]] | None] = [None] * (2 * self.size)
+
+    def add(self, first: int, last: int, item: tuple[int, int]) -> None:
+        cover, starts = self.cover, self.starts
+        lo, hi = first + self.size, last + self.size + 1
+        while lo < hi:
+            if lo & 1:
+                node = cover[lo]
+                if node is None:
+                    cover[lo] = [item]
+                else:
+                    node.append(item)
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                node = cover[hi]
+                if node is None:
+                    cover[hi] = [item]
+                else:
+                    node.append(item)
+            lo >>= 1
+            hi >>= 1
+        i = first + self.size
+        while i:
+            node = starts[i]
+            if node is None:
+                starts[i] = [item]
+            else:
+                node.append(item)
+            i >>= 1
+
+    def meeting(self, first: int, last: int) -> list[tuple[int, int]]:
+        cover, starts = self.cover, self.starts
+        out: list[tuple[int, int]] = []
+        i = first + self.size
+        while i:
+            node = cover[i]
+            if node is not None:
+                out += node
+            i >>= 1
+        lo, hi = first + 1 + self.size, last + self.size + 1
+        while lo < hi:
+            if lo & 1:
+                node = starts[lo]
+                if node is not None:
+                    out += node
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                node = starts[hi]
+                if node is not None:
+                    out += node
+            lo >>= 1
+            hi >>= 1
+        return out
+
+
 def greedy_by_size_best_fit(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> LayoutResult:
     """Largest first; each buffer goes into the smallest gap between already-placed buffers that are live at
-    the same time, or on top of them when no gap fits."""
-    placed: list[tuple[int, int, BufferRequest]] = []  # (offset, aligned size, request)
+    the same time, or on top of them when no gap fits. Only those buffers are looked at (`_TimeIndex`): the
+    cost is O(n log n + K log K) for K pairs of buffers live together, not O(n^2)."""
+    index = _TimeIndex(max((r.last for r in reqs), default=0) + 1)
     offsets: dict[str, int] = {}
     total = 0
     for r in sorted(reqs, key=lambda r: (-r.size, r.first, r.name)):
         size = align(r.size, alignment)
-        busy = sorted((o, o + s) for o, s, q in placed if overlaps_in_time(q, r))
+        busy = index.meeting(r.first, r.last)
+        busy.sort()
         best: tuple[int, int] | None = None  # (gap size, offset)
         cursor = 0
         for start, end in busy:
             gap = start - cursor
             if gap >= size and (best is None or gap < best[0]):
                 best = (gap, cursor)
-            cursor = max(cursor, end)
+            if end > cursor:
+                cursor = end
         off = best[1] if best is not None else cursor
-        placed.append((off, size, r))
+        index.add(r.first, r.last, (off, off + size))
         offsets[r.name] = off
         total = max(total, off + size)
     return LayoutResult("greedy_by_size_best_fit", offsets, total)
 
 
 def greedy_by_first_use(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> LayoutResult:
-    """In order of first use, the lowest offset that fits (first fit)."""
-    placed: list[tuple[int, int, BufferRequest]] = []
+    """In order of first use, the lowest offset that fits (first fit). A sweep over time: the placed buffers
+    that meet a request are exactly those still live at its first op, kept sorted by offset (expired from a
+    heap by last op), so each step looks only at the buffers live then."""
+    live: list[tuple[int, int, int]] = []  # (offset, end, k) of placed buffers live now, sorted
+    expiry: list[tuple[int, int, int, int]] = []  # heap of (last op, offset, end, k)
     offsets: dict[str, int] = {}
     total = 0
-    for r in sorted(reqs, key=lambda r: (r.first, -r.size, r.name)):
+    for k, r in enumerate(sorted(reqs, key=lambda r: (r.first, -r.size, r.name))):
+        while expiry and expiry[0][0] < r.first:
+            _, o, e, j = heapq.heappop(expiry)
+            del live[bisect.bisect_left(live, (o, e, j))]
         size = align(r.size, alignment)
-        busy = sorted((o, o + s) for o, s, q in placed if overlaps_in_time(q, r))
         cursor = 0
-        for start, end in busy:
+        for start, end, _ in live:
             if start - cursor >= size:
                 break
             cursor = max(cursor, end)
-        placed.append((cursor, size, r))
+        bisect.insort(live, (cursor, cursor + size, k))
+        heapq.heappush(expiry, (r.last, cursor, cursor + size, k))
         offsets[r.name] = cursor
         total = max(total, cursor + size)
     return LayoutResult("greedy_by_first_use", offsets, total)
@@ -127,15 +206,26 @@ def plan_activations(reqs: list[BufferRequest], alignment: int = ALIGNMENT) -> L
 
 
 def find_overlap(reqs: list[BufferRequest], offsets: dict[str, int]) -> tuple[str, str] | None:
-    """The first pair of buffers live at the same time whose bytes overlap, or None."""
-    items = sorted(reqs, key=lambda r: offsets[r.name])
-    for i, a in enumerate(items):
-        a_end = offsets[a.name] + a.size
-        for b in items[i + 1:]:
-            if offsets[b.name] >= a_end:
-                break
-            if overlaps_in_time(a, b) and a.size > 0 and b.size > 0:
-                return a.name, b.name
+    """A pair of buffers live at the same time whose bytes overlap, or None. A sweep over time keeping the live
+    byte ranges sorted by offset: they are disjoint until a collision, so a new range can only meet its
+    neighbours. O(n log n) (plus list shifts)."""
+    order = sorted((r for r in reqs if r.size > 0), key=lambda r: (r.first, offsets[r.name], r.name))
+    starts: list[int] = []  # sorted offsets of the live ranges
+    live: list[tuple[int, int, str]] = []  # (offset, end, name), in the same order
+    expiry: list[tuple[int, int]] = []  # heap of (last op, offset)
+    for r in order:
+        while expiry and expiry[0][0] < r.first:
+            _, o = heapq.heappop(expiry)
+            i = bisect.bisect_left(starts, o)
+            del starts[i], live[i]
+        o = offsets[r.name]
+        i = bisect.bisect_left(starts, o)
+        for j in (i - 1, i):
+            if 0 <= j < len(live) and live[j][0] < o + r.size and o < live[j][1]:
+                return live[j][2], r.name
+        starts.insert(i, o)
+        live.insert(i, (o, o + r.size, r.name))
+        heapq.heappush(expiry, (r.last, o))
     return None
 
 

@@ -18,7 +18,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 SLOW_SKIP = "slow real-model test; run with --slow"
-#: the only skips --no-skips lets through (besides slow tests left out without --slow): "no <name> device" / "missing device" (hardware this machine lacks)
+#: the only skips --no-skips lets through (besides slow tests left out without --slow): "no <name> device" /
+#: "missing device" (hardware this machine lacks)
 DEVICE_SKIP = re.compile(r"\bno [\w-]+ device\b|\bmissing device\b")
 
 
