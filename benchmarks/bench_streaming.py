@@ -6,15 +6,15 @@ on its time per token. Side by side in one run, runs interleaved, medians.
 
 The bound per decoded token, from two parts timed apart from the token itself:
 
-- read = one token's reads, as the streamed run made them: the executor's streamer times every pread it makes
-  (`read_s` of `run --json`: the reader thread's for speculative_prefetch, beside the busy kernels; the main
-  thread's for sequential, kernels idle), one pread per group the plan reads into a slot, from the weights file
-  in the page cache (the runs read it one after another; nothing here reads cold). read_s over the run's forward
-  passes (the prefill's, then one a decoded token) is a token's read time (the prefetching reader may have read
-  up to two groups ahead when the run ends: counted as read, so as not to overstate a token's reads). The
-  run's own reader is timed because reads timed apart beside a busy kernel thread are not the run's: read
-  flat out, the reader is scheduled as a CPU hog, and on a loaded 2-core machine read 2-4x slower than the
-  run's reader, which reads a group and sleeps.
+- read = one token's reads, as the streamed run made them: the executor's streamer times every pread it makes and
+  the checksum of the group it read (`read_s` + `check_s` of `run --json`: the reader thread's for
+  speculative_prefetch, beside the busy kernels; the main thread's for sequential, kernels idle), one pread per
+  group the plan reads into a slot, from the weights file in the page cache (the runs read it one after another;
+  nothing here reads cold). read_s over the run's forward passes (the prefill's, then one a decoded token) is a
+  token's read time (the prefetching reader may have read up to two groups ahead when the run ends: counted as read,
+  so as not to overstate a token's reads). The run's own reader is timed because reads timed apart beside a busy
+  kernel thread are not the run's: read flat out, the reader is scheduled as a CPU hog, and on a loaded 2-core
+  machine read 2-4x slower than the run's reader, which reads a group and sleeps.
 - compute = the resident plan's decode time per token (kernels, sampling, the per-token Python) at the *same
   numba thread count* as the streamed run (on 2 cores speculative_prefetch leaves one core to its reader).
 - overlapped (speculative_prefetch): t >= max(read, compute); sequential: t >= read + compute.
@@ -85,7 +85,8 @@ def reads_alone(plan_path: Path, passes: int) -> float:
         gs.close()
         st.close()
     per_token = sum(g.byte_end - g.byte_start for g in gs.seq)
-    return gs.stats.read_s * per_token / gs.stats.read_bytes  # the reader's read-ahead is in both
+    # the reader's read-ahead is in both; each read is followed by its group's checksum (check_s)
+    return (gs.stats.read_s + gs.stats.check_s) * per_token / gs.stats.read_bytes
 
 
 def streamed_groups(plan: Path) -> list[int]:
@@ -146,7 +147,7 @@ def main() -> None:
     def read_ms(r: dict, k: str) -> float:  # the run's own reads of one token: every pass reads the plan's groups,
         b = sum(groups[k])  # and the prefetching reader may have read up to two more (counted, so as not to
         ahead = 2 * max(groups[k]) if k == "speculative_prefetch" else 0  # overstate a token's reads)
-        return 1e3 * r["read_s"] * b / (passes(r) * b + ahead)
+        return 1e3 * (r["read_s"] + r.get("check_s", 0.0)) * b / (passes(r) * b + ahead)
 
     def med(key: str, f) -> float:  # noqa: ANN001
         return statistics.median(f(r) for r in runs[key])

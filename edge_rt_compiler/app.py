@@ -9,8 +9,11 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +25,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from edge_rt_exec.errors import UserError
+from edge_rt_exec.plan import atomic_write
 
-from .config import register
+from .config import CompileConf, ModelConf, TargetConf, check_config, register
 from .partition import STRATEGIES
 from .passes.quantize import KV_DTYPES, QUANTS
 from .pipeline import CompileRequest, CompileResult, ModelRequest, compile_model
@@ -39,7 +43,8 @@ register()
 
 
 def request_from_cfg(cfg: DictConfig) -> CompileRequest:
-    """A `CompileRequest` from a composed config (bad model settings are one-line errors)."""
+    """A `CompileRequest` from a composed config (unknown keys and bad values are one-line errors)."""
+    check_config(cfg)
     t = cfg.target
     strategy = cfg.strategy.name if cfg.get("strategy") else t.strategy
     budget = parse_bytes(cfg.budget if cfg.budget is not None else t.budget, "budget")
@@ -112,8 +117,7 @@ def _choice(cfg: DictConfig) -> str:
 
 
 def _write_row(folder: Path, row: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ROW_FILE).write_text(json.dumps(row))
+    atomic_write(folder / ROW_FILE, json.dumps(row))  # a half-written row would break the sweep's table
 
 
 COLUMNS = [("strategy", "strategy"), ("chosen", "chosen"), ("budget", "budget"), ("mode", "weights"),
@@ -188,8 +192,8 @@ class SweepSummary(Callback):
             return
         table = format_table(rows)
         print(f"\nsweep summary ({len(rows)} plans, {sweep}):\n{table}")
-        (sweep / "summary.md").write_text(table + "\n")
-        (sweep / "summary.json").write_text(json.dumps(rows, indent=1))
+        atomic_write(sweep / "summary.md", table + "\n")
+        atomic_write(sweep / "summary.json", json.dumps(rows, indent=1))
         _sweep_failed = any("error" in r for r in rows)
 
 
@@ -226,19 +230,65 @@ def _precheck(argv: list[str]) -> None:
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except Exception as e:  # Hydra/OmegaConf report bad overrides as several exception types
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[0] if lines else e.__class__.__name__
-        hint = next((ln for ln in lines[1:] if ln.lower().startswith(("to append", "key", "value"))), "")
-        raise UserError(f"bad override: {detail}" + (f" ({hint})" if hint else "") +
-                        "; see `edge-rt-compile --help` and conf/") from None
+        raise UserError(override_error(e)) from None
+    check_config(cfg)  # unknown keys (`+foo=1`) and values out of range (`target.threads=-4`)
+
+
+def override_error(e: BaseException) -> str:
+    """One line for an override Hydra could not compose: OmegaConf's reason (the exception's cause: "Value 'abc' of
+    type 'str' could not be converted to Integer") and, for a key that is not at the top level, where it lives."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = (lines[0] if lines else e.__class__.__name__).rstrip(".")
+    cause = str(e.__cause__).splitlines()[0].strip() if e.__cause__ is not None and str(e.__cause__) else ""
+    hint = cause or next((ln for ln in lines[1:] if ln.lower().startswith(("key", "value"))), "")
+    key = detail.split("'")[1] if detail.startswith("Could not override '") and detail.count("'") >= 2 else None
+    if key is not None:
+        homes = [f"{sec}.{key}" for sec, schema in (("target", TargetConf), ("model", ModelConf))
+                 if key in {f.name for f in dataclasses.fields(schema)}]
+        homes = homes or difflib.get_close_matches(key, [f.name for f in dataclasses.fields(CompileConf)], 1)
+        hint = f"did you mean {' or '.join(homes)}?" if homes else "no such setting"
+    return f"bad override: {detail}" + (f" ({hint})" if hint else "") + "; see `edge-rt-compile --help` and conf/"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and `except BaseException` cleanup
+    (atomic_file's temporary files) runs; a BaseException, so no `except Exception` on the way swallows it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _check_out_dirs(argv: list[str]) -> None:
+    """Hydra creates `out_dir` (its run dir) before the compile starts and reports a failure as a traceback:
+    an `out_dir` that is a file, or on a read-only filesystem, is caught here as one line instead."""
+    values = [v for a in argv if a.split("=", 1)[0].lstrip("+") == "out_dir" for v in a.split("=", 1)[1].split(",")]
+    for v in values or [str(OmegaConf.load(CONF_DIR / "config.yaml").out_dir)]:
+        if "${" in v:
+            continue  # an interpolation: Hydra resolves it
+        p = Path(v).expanduser().absolute()
+        q = p
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        if not q.is_dir():
+            raise UserError(f"out_dir={v}: {q} is a file, not a folder; set out_dir= to a folder (or move the "
+                            "file away)")
+        if not os.access(q, os.W_OK | os.X_OK):
+            ro = os.statvfs(q).f_flag & os.ST_RDONLY
+            raise UserError(f"out_dir={v}: {q} is " + ("on a read-only filesystem" if ro else "not writable") +
+                            "; set out_dir= to a writable folder")
 
 
 def main() -> None:
-    """The `edge-rt-compile` entry point: bad overrides are one line and exit 2."""
+    """The `edge-rt-compile` entry point: bad overrides are one line and exit 2; Ctrl-C (SIGINT) and SIGTERM are
+    one line and exit 130 / 143, after the cleanups (no temporary file is left, existing artifacts untouched)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _precheck(sys.argv[1:])
+        if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in sys.argv[1:]):
+            _check_out_dirs(sys.argv[1:])  # not for --help, --cfg and the like, which write nothing
     except UserError as e:
         print(f"edge-rt-compile: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -246,6 +296,12 @@ def main() -> None:
         hydra_main()
     except BrokenPipeError:  # `edge-rt-compile --help | head`
         sys.exit(0)
+    except (KeyboardInterrupt, Terminated) as e:
+        name, code = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
+        print(f"edge-rt-compile: interrupted by {name}; no partial file was left and existing artifacts are "
+              "untouched; run the command again to finish", file=sys.stderr)
+        sys.exit(code)
     if _sweep_failed:
         sys.exit(2)
 

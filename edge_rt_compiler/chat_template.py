@@ -8,13 +8,16 @@ off renderings with sentinel contents and then proven: several conversations are
 template and from the structure, and must be identical. A template that fails that keeps only the single-turn
 prefix/suffix around one user message (as before), and says why.
 
-Templates are user input: they render in jinja2's immutable sandbox, with `range` capped and a wall-clock limit
-per rendering, so a hostile template fails with one line instead of running forever.
+Templates are user input: they render in jinja2's immutable sandbox, with `range`, string/list repetition and
+powers capped, an operation limit per rendering (template lines executed, loop iterations included: it holds in
+any thread, a joblib worker's or a server's too) and, on the main thread, a wall-clock limit as well, so a hostile
+template is recorded as `chat_error` in bounded time instead of running forever.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any
@@ -25,8 +28,12 @@ from edge_rt_exec.errors import UserError
 RENDER_SECONDS = 2.0
 #: Largest `range()` a template may build.
 MAX_RANGE = 10_000
-#: Longest output a rendering may produce (characters).
+#: Longest output a rendering may produce (characters); also the longest string or list `*` may build.
 MAX_OUTPUT = 1 << 20
+#: Template lines one rendering may execute (each loop iteration counts): real chat templates take a few hundred.
+MAX_STEPS = 1_000_000
+#: Largest exponent `**` may take (beyond it an integer power is a memory bomb, not arithmetic).
+MAX_EXPONENT = 1024
 
 _S = "\x00EDGE_RT_{}\x00"
 
@@ -54,6 +61,38 @@ def _time_limit(seconds: float):  # noqa: ANN202
         signal.signal(signal.SIGALRM, old)
 
 
+class _TooManySteps(Exception):
+    pass
+
+
+class _StepLimit:
+    """Counts the lines jinja's compiled template code executes (`sys.settrace`, in this thread only, on the
+    template's own frames only) and stops the rendering past `limit`: an operation limit that needs no signal."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def on_call(self, frame: Any, event: str, arg: Any) -> Any:
+        return self.on_line if frame.f_code.co_filename == "<template>" else None
+
+    def on_line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.left -= 1
+            if self.left < 0:
+                raise _TooManySteps()
+        return self.on_line
+
+
+@contextmanager
+def _step_limit(limit: int):  # noqa: ANN202
+    old = sys.gettrace()
+    sys.settrace(_StepLimit(limit).on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(old)
+
+
 def _environment() -> Any:
     import jinja2.sandbox
 
@@ -63,7 +102,20 @@ def _environment() -> Any:
             raise jinja2.sandbox.SecurityError(f"range of {len(r)} items (more than {MAX_RANGE})")
         return r
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class Environment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
+                        raise jinja2.sandbox.SecurityError(f"a repetition of {len(seq) * n} items (more than "
+                                                           f"{MAX_OUTPUT})")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+                raise jinja2.sandbox.SecurityError(f"an exponent of {right} (more than {MAX_EXPONENT})")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True)
     env.globals["range"] = capped_range
 
     def raise_exception(msg: str) -> None:  # HF templates call it to refuse a conversation
@@ -85,10 +137,12 @@ class Renderer:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
-            with _time_limit(RENDER_SECONDS):
+            with _time_limit(RENDER_SECONDS), _step_limit(MAX_STEPS):
                 text = self.tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
         except _TemplateTimeout:
             raise TemplateFailure(f"rendering took more than {RENDER_SECONDS:g} s") from None
+        except _TooManySteps:
+            raise TemplateFailure(f"rendering ran more than {MAX_STEPS} template steps (a loop too long)") from None
         except RecursionError:
             raise TemplateFailure("rendering recursed too deeply") from None
         except Exception as e:

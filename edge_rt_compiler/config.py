@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from edge_rt_exec.errors import UserError
 
 
 @dataclass
@@ -56,3 +61,61 @@ def register() -> None:
     """Store the config schema in Hydra's ConfigStore."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=CompileConf)
+
+
+# ---- checks of a composed config (every key known, every value of its type and in range) ---------------------
+
+#: Largest whole-number setting taken (token counts, threads): beyond it, a typo, not a setting.
+MAX_INT = (1 << 31) - 1
+#: target.threads: the executor's plan check takes 1..4096.
+MAX_THREADS = 4096
+_SECTIONS = {"": CompileConf, "model": ModelConf, "target": TargetConf, "strategy": StrategyConf}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _whole(key: str, v: Any, lo: int, hi: int = MAX_INT, example: str = "") -> None:
+    if v is not None and (not _is_int(v) or not lo <= v <= hi):
+        raise UserError(f"{key}={v!r} must be a whole number in [{lo}, {hi}]" + (f", e.g. {key}={example}" if example
+                                                                                 else ""))
+
+
+def _number(key: str, v: Any, *, lo: float, hi: float = math.inf, lo_open: bool = True, example: str) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= hi and \
+        (v > lo if lo_open else v >= lo)
+    if not ok:
+        rng = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
+        rng += f" and at most {hi:g}" if hi != math.inf else ""
+        raise UserError(f"{key}={v!r} must be a number {rng}, e.g. {key}={example}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every key of a composed config is one the schema declares and every value has its type and range; the first
+    problem is one `UserError` line naming the override to fix (`+foo=1`, `target.threads=-4`, ...)."""
+    for section, schema in _SECTIONS.items():
+        node = cfg if not section else cfg.get(section)
+        if node is None:
+            continue
+        known = {f.name for f in fields(schema)} | ({"hydra"} if not section else set())
+        unknown = sorted(str(k) for k in node.keys() if str(k) not in known)
+        if unknown:
+            key = f"{section}.{unknown[0]}" if section else unknown[0]
+            raise UserError(f"unknown setting '{key}'; {'the ' + section if section else 'the config'} takes "
+                            f"{', '.join(sorted(known - {'hydra'}))}; see `edge-rt-compile --help` and conf/")
+    for key in ("max_context", "max_batch_tokens"):
+        _whole(key, cfg.get(key), 1, example="2048")
+    _whole("model.max_context", cfg.model.get("max_context"), 1, example="2048")
+    if not isinstance(cfg.get("out_dir"), str) or not cfg.out_dir.strip():
+        raise UserError(f"out_dir={cfg.get('out_dir')!r} must name a folder, e.g. out_dir=artifacts")
+    dims = cfg.get("onnx_dims") or {}
+    if not isinstance(dims, Mapping) and not OmegaConf.is_dict(dims):
+        raise UserError(f"onnx_dims={dims!r} must map dim names to sizes, e.g. +onnx_dims.batch=8")
+    for name, v in dims.items():
+        _whole(f"onnx_dims.{name}", v, 1, example="8")
+    t = cfg.target
+    _whole("target.threads", t.get("threads"), 1, MAX_THREADS, example="4")
+    _number("target.prefetch_headroom", t.get("prefetch_headroom"), lo=0.0, hi=0.9, lo_open=False, example="0.2")
+    for key, example in (("read_bandwidth_gbs", "1.5"), ("mem_bandwidth_gbs", "4.0"), ("compute_gflops", "12.0")):
+        _number(f"target.{key}", t.get(key), lo=0.0, example=example)

@@ -1,16 +1,23 @@
-"""Emit: the plan (schema 2, `edge_rt_exec.plan`), its name, the weights repacked in execution order and in
+"""Emit: the plan (schema 3, `edge_rt_exec.plan`), its name, the weights repacked in execution order and in
 their formats (shared by every plan of a model and format), the tokenizer and the generation settings.
 
-Every file is written atomically; the weights file is written once per model and format (under a lock, so a
-parallel sweep writes it once) and reused while its header matches byte for byte (the header holds every
-tensor's name, format, shape and offset and the source's identity)."""
+Every file is written atomically, and only under the artifact folder's lock (`locked`: a parallel sweep writes
+the weights once, and a temporary file found under the lock belongs to a killed compile and is removed). A
+folder holds one model: `source.json` records its source's fingerprint, and a compile of a different model into
+it is refused (`check_folder`). The weights file is written once per model and format and reused only while its
+header matches byte for byte (every tensor's name, format, shape and offset and the source's identity) and its
+data still hashes to the sha256 the header carries; otherwise it is rewritten."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
+import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +26,7 @@ from typing import Any
 import networkx as nx
 
 from edge_rt_exec.binfile import SafetensorsFile
+from edge_rt_exec.checksum import checksum_ref
 from edge_rt_exec.errors import UserError
 from edge_rt_exec.plan import (
     ALIGNMENT,
@@ -43,6 +51,10 @@ from .sizes import fmt_bytes
 from .weights_layout import WeightsLayout
 
 SHA_PLACEHOLDER = "0" * 64
+IDENTITY_FILE = "source.json"  #: the artifact folder's model: its source's fingerprint, origin and name
+#: tests only: create this file, then wait (up to a minute) with the weights half written, so that a test can
+#: signal or kill a compile at a known point of the write
+HOLD_ENV = "EDGE_RT_TEST_HOLD_WEIGHTS"
 
 
 # ---- names --------------------------------------------------------------------------------------------------
@@ -109,6 +121,19 @@ def make_plan(src: ModelSource, g: nx.DiGraph, layout: WeightsLayout, part: Part
     )
 
 
+def checksum_groups(plan: Plan, weights: Path) -> None:
+    """Fill in the checksum of every streamed group (`edge_rt_exec.checksum`) from the weights file as written,
+    which the executor checks after every read of the group."""
+    st = SafetensorsFile(weights)
+    try:
+        for g in plan.groups:
+            if g.slot is not None:
+                g.checksum = checksum_ref(st.file.view(g.byte_start, g.byte_end - g.byte_start, "u1",
+                                                       (g.byte_end - g.byte_start,), f"group {g.index}"))
+    finally:
+        st.close()
+
+
 def generation_settings(src: ModelSource) -> dict[str, Any]:
     """generation.json: EOS / BOS ids, the chat template rendered into a prefix and suffix, pooling."""
     gen = dict(src.generation)
@@ -133,7 +158,8 @@ def generation_settings(src: ModelSource) -> dict[str, Any]:
 
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the artifact folder (parallel sweeps write the weights once)."""
+    """An exclusive lock on the artifact folder. Every write into the folder happens under it (parallel sweeps
+    write the weights once), so a temporary file seen under it belongs to a killed compile."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -143,59 +169,184 @@ def locked(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _existing_sha(path: Path, layout: WeightsLayout) -> str | None:
-    """The data fingerprint of an existing weights file if it was written for this exact layout."""
-    if not path.exists() or path.stat().st_size != layout.file_size:
-        return None
+#: `atomic_file`'s temporary names: "." + the file's name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove what killed compiles left (only `atomic_file`'s own temporary names); the caller holds
+    `locked(folder)`, so no live compile is writing them. Returns the names removed."""
+    gone = []
+    for p in folder.iterdir():
+        if _TEMP.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return sorted(gone)
+
+
+def _source_files(origin: Path) -> list[Path]:
+    """The files whose bytes make the model: a .gguf / .onnx file (with an ONNX file's external data), or an HF
+    folder's config.json, safetensors index and shards."""
+    if origin.is_dir():
+        return sorted([origin / "config.json", *origin.glob("*.safetensors"), *origin.glob("*.safetensors.index.json")])
+    files = [origin]
+    if origin.suffix.lower() == ".onnx":
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
+
+        m = onnx.load(str(origin), load_external_data=False)
+        locs = {e.value for t in _get_all_tensors(m) for e in t.external_data if e.key == "location"}
+        files += sorted(origin.parent / loc for loc in locs)
+    return files
+
+
+def _file_sha(path: Path, start: int = 0) -> str:
+    """sha256 of a file's bytes from `start` (streamed: 4 MiB of memory for any size)."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def source_fingerprint(origin: Path) -> str:
+    """sha256 over every source file's size and content (an HF folder's files also by name): the same model
+    copied elsewhere, renamed or touched has the same fingerprint, another model (another fine-tune of the
+    same shape, another seed) does not."""
+    h = hashlib.sha256()
+    for f in _source_files(origin):
+        name = f.relative_to(origin).as_posix() if origin.is_dir() else ""
+        h.update(f"{name}:{f.stat().st_size}:{_file_sha(f)}\n".encode())
+    return h.hexdigest()
+
+
+def check_folder(folder: Path, src: ModelSource) -> dict[str, str]:
+    """The identity this compile records in `folder` (`record_source`, after the weights are in place). Refuses
+    a folder that holds another model's artifacts: compiling into it would overwrite that model's weights and
+    break its plans. The caller holds `locked(folder)`."""
+    origin = str(Path(src.origin).resolve()) if src.origin else ""
+    mine = {"model": src.name, "origin": origin, "source_key": src.source_key}
+    try:
+        old = json.loads((folder / IDENTITY_FILE).read_text(encoding="utf-8"))
+        if not isinstance(old, dict) or len(str(old.get("fingerprint", ""))) != 64:
+            old = None
+    except (OSError, ValueError):
+        old = None  # a folder from before source.json (or a damaged one): this compile records its model
+    if old and (old.get("origin"), old.get("source_key")) == (origin, src.source_key):
+        return {**mine, "fingerprint": old["fingerprint"]}  # the same, unchanged files: no need to hash them
+    mine["fingerprint"] = source_fingerprint(Path(src.origin)) if origin else \
+        hashlib.sha256(src.source_key.encode()).hexdigest()
+    if old and old["fingerprint"] != mine["fingerprint"]:
+        was = old.get("origin") or old.get("model") or "another model"
+        what = f"{was} as it was before it changed" if was == origin else f"another model ({was})"
+        raise UserError(f"{folder}: already holds the artifacts of {what}, not of {origin or src.name}; "
+                        f"compile this one into its own folder with model.name=NAME or out_dir=DIR (or delete "
+                        f"{folder} to replace the old model's artifacts)")
+    return mine
+
+
+def record_source(folder: Path, identity: dict[str, str]) -> None:
+    """Write `source.json` (the folder's model) when it is new or changed."""
+    text = json.dumps(identity, indent=1) + "\n"
+    try:
+        if (folder / IDENTITY_FILE).read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write(folder / IDENTITY_FILE, text)
+
+
+def write_error(e: OSError, where: Path) -> UserError:
+    """An OS error while writing artifacts as one line: what, where, what to do."""
+    place = e.filename or where
+    hint = {
+        errno.ENOSPC: "no space left on the device; free some space or set out_dir= to a folder on another disk",
+        errno.EDQUOT: "disk quota exceeded; free some space or set out_dir= to a folder on another disk",
+        errno.EROFS: "read-only filesystem; set out_dir= to a writable folder",
+        errno.EACCES: "permission denied; set out_dir= to a folder you can write",
+        errno.EPERM: "operation not permitted; set out_dir= to a folder you can write",
+        errno.ENOTDIR: "a file is in the way of a folder; set out_dir= to a folder (or move the file away)",
+        errno.EEXIST: "a file is in the way of a folder; set out_dir= to a folder (or move the file away)",
+    }.get(e.errno or 0, f"{e.strerror or e}; check out_dir=")
+    return UserError(f"{place}: cannot write the artifacts: {hint} (no partial file was left; existing artifacts "
+                     "are untouched)")
+
+
+def _existing_sha(path: Path, layout: WeightsLayout) -> tuple[str | None, str]:
+    """(the data sha256 of an existing weights file, "") if it is exactly what this compile would write: its
+    header equals this layout's (which names the source and every tensor's format, shape and offset) and its
+    data hashes to the sha256 that header carries. Else (None, why not)."""
+    if not path.exists():
+        return None, ""
+    if path.stat().st_size != layout.file_size:
+        return None, "its size does not match this model's layout"
     try:
         st = SafetensorsFile(path)
     except UserError:
-        return None
+        return None, "it is not a readable safetensors file"
     try:
         sha = st.metadata.get("edge_rt_data_sha256", "")
         with open(path, "rb") as f:
             head = f.read(layout.data_start)
-        if len(sha) == 64 and head.replace(sha.encode(), SHA_PLACEHOLDER.encode(), 1) == layout.header:
-            return sha
-        return None
     finally:
         st.close()
+    if len(sha) != 64 or head.replace(sha.encode(), SHA_PLACEHOLDER.encode(), 1) != layout.header:
+        return None, "it was written for another version of the source, layout or formats"
+    if _file_sha(path, layout.data_start) != sha:
+        return None, "its data does not match the sha256 in its header (the file is corrupted)"
+    return sha, ""
+
+
+def _hold_for_tests() -> None:
+    """The `HOLD_ENV` test hook (see there)."""
+    flag = os.environ.get(HOLD_ENV)
+    if flag:
+        Path(flag).write_text(str(os.getpid()))
+        time.sleep(60)
 
 
 def write_weights(path: Path, g: nx.DiGraph, layout: WeightsLayout) -> tuple[str, bool]:
-    """(data sha256, reused). Each weight is written as `Weight.stored()` gives it: raw source rows when they are
-    already in its format, else quantized. The header carries the sha256 of the data section, so a reader can
-    match a plan to its weights without hashing hundreds of MB."""
-    with locked(path.parent):
-        sha = _existing_sha(path, layout)
-        if sha is not None:
-            return sha, True
-        weights = g.graph["weights"]
-        total = sum(layout.weights[n].nbytes for n in layout.order)
-        print(f"writing {path.name} ({total / 2**20:.1f} MB, {len(layout.order)} tensors)", file=sys.stderr,
-              flush=True)
-        with atomic_file(path) as f, _progress(total, path.name) as bar:
-            f.write(layout.header)
-            h = hashlib.sha256()
-            pos = layout.data_start
-            for name in layout.order:
-                loc = layout.weights[name]
-                if loc.offset > pos:
-                    pad = b"\0" * (loc.offset - pos)
-                    f.write(pad)
-                    h.update(pad)
-                b = weights[name].stored().tobytes()
-                if len(b) != loc.nbytes:
-                    raise UserError(f"{weights[name].data.source}: {len(b)} bytes as {loc.format}, {loc.nbytes} "
-                                    "expected")
-                f.write(b)
-                h.update(b)
-                bar.update(len(b))
-                pos = loc.offset + loc.nbytes
-            sha = h.hexdigest()
-            f.seek(0)
-            f.write(layout.header.replace(SHA_PLACEHOLDER.encode(), sha.encode(), 1))
-        return sha, False
+    """(data sha256, reused). The caller holds `locked(path.parent)`. An existing file is reused only when it is
+    proven equal to what this compile would write (`_existing_sha`); else it is rewritten, atomically. Each weight
+    is written as `Weight.stored()` gives it: raw source rows when they are already in its format, else
+    quantized. The header carries the sha256 of the data section, so a reader can match a plan to its weights
+    without hashing hundreds of MB."""
+    sha, why = _existing_sha(path, layout)
+    if sha is not None:
+        return sha, True
+    if why:
+        print(f"{path}: {why}; rewriting it", file=sys.stderr, flush=True)
+    weights = g.graph["weights"]
+    total = sum(layout.weights[n].nbytes for n in layout.order)
+    print(f"writing {path.name} ({total / 2**20:.1f} MB, {len(layout.order)} tensors)", file=sys.stderr,
+          flush=True)
+    with atomic_file(path) as f, _progress(total, path.name) as bar:
+        f.write(layout.header)
+        h = hashlib.sha256()
+        pos = layout.data_start
+        for i, name in enumerate(layout.order):
+            loc = layout.weights[name]
+            if loc.offset > pos:
+                pad = b"\0" * (loc.offset - pos)
+                f.write(pad)
+                h.update(pad)
+            b = weights[name].stored().tobytes()
+            if len(b) != loc.nbytes:
+                raise UserError(f"{weights[name].data.source}: {len(b)} bytes as {loc.format}, {loc.nbytes} "
+                                "expected")
+            f.write(b)
+            h.update(b)
+            bar.update(len(b))
+            pos = loc.offset + loc.nbytes
+            if i == len(layout.order) // 2:
+                _hold_for_tests()
+        sha = h.hexdigest()
+        f.seek(0)
+        f.write(layout.header.replace(SHA_PLACEHOLDER.encode(), sha.encode(), 1))
+    return sha, False
 
 
 @contextmanager

@@ -4,6 +4,7 @@ stage is a function from IR to IR or to a result dataclass, defined in its own m
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,17 @@ from edge_rt_exec.plan import Plan
 from . import passes
 from .emit import (
     SHA_PLACEHOLDER,
+    check_folder,
+    checksum_groups,
     generation_settings,
+    locked,
     make_plan,
     plan_name,
+    record_source,
+    remove_stale_temps,
     weights_file_name,
     write_companions,
+    write_error,
     write_plan,
     write_weights,
 )
@@ -79,7 +86,13 @@ def compile_model(req: CompileRequest) -> CompileResult:
     """The whole compile of one request: the plan (and the weights file, once) written."""
     t0 = time.perf_counter()
     check_settings(req.quant, req.kv_dtype)
-    src = load_source(req.model, Path(req.out_dir))
+    try:
+        src = load_source(req.model, Path(req.out_dir))
+    except OSError as e:  # a model that cannot be read, or the synthetic model's folder that cannot be written
+        if req.model.source == "synthetic":
+            raise write_error(e, Path(req.out_dir)) from None
+        where = e.filename or req.model.path or req.model.name
+        raise UserError(f"{where}: cannot read the model ({e.strerror or e})") from None
     report = validate(src.graph, src)
     ctx, mbt = context_limits(req, src)
     dims = passes.plan_dims(src.graph, ctx, mbt, req.onnx_dims)
@@ -108,11 +121,20 @@ def compile_model(req: CompileRequest) -> CompileResult:
 
     folder = Path(req.out_dir) / folder_name(src.name)
     weights = folder / weights_file_name(tag)
-    sha, reused = write_weights(weights, g, layout)
-    files = write_companions(folder, src, generation_settings(src))
-    plan.files = {"weights": weights.name, "weights_sha256": sha, "weights_size": layout.file_size, **files}
-    verify_plan(plan)
     path = folder / (req.plan_name or plan_name(req.strategy, req.budget, ctx, tag, req.kv_dtype))
-    write_plan(path, plan)
+    try:
+        with locked(folder):  # every write into the folder happens under its lock (emit.py)
+            for name in remove_stale_temps(folder):
+                print(f"{folder}: removed {name}, left by a killed compile", file=sys.stderr)
+            identity = check_folder(folder, src)
+            sha, reused = write_weights(weights, g, layout)
+            checksum_groups(plan, weights)
+            record_source(folder, identity)
+            files = write_companions(folder, src, generation_settings(src))
+            plan.files = {"weights": weights.name, "weights_sha256": sha, "weights_size": layout.file_size, **files}
+            verify_plan(plan)
+            write_plan(path, plan)
+    except OSError as e:
+        raise write_error(e, folder) from None
     plan.path = path
     return CompileResult(path, plan, reused, report.warnings, time.perf_counter() - t0, list(g.graph["notes"]))

@@ -65,6 +65,7 @@ class BoundedFile:
             self._fd = -1
             raise UserError(f"{self.path}: not a regular file (a FIFO, device or socket); pass the file itself")
         self.size = st.st_size
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  #: what `unchanged` compares
         self._mm: mmap.mmap | None = None
 
     def check(self, offset: int, nbytes: int, what: str) -> None:
@@ -74,6 +75,21 @@ class BoundedFile:
                 f"{self.path}: {what} spans bytes [{offset}, {offset + nbytes}) but the file has "
                 f"{self.size} bytes; the file is truncated or corrupt, re-create it"
             )
+
+    def unchanged(self, what: str) -> None:
+        """Raise a UserError if the open file was truncated or rewritten in place since it was opened (one
+        `fstat`). A map of a truncated file raises SIGBUS when a page past the new end is touched, which
+        Python cannot turn into an error, so callers check before each run. A file replaced by a new one
+        (renamed over the path) leaves the open one, and its map, intact: that is not a change here."""
+        try:
+            st = os.fstat(self._fd)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot check the {what} ({e.strerror or e})") from None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+            raise UserError(f"{self.path}: the {what} changed while it was in use ({self._identity[2]} bytes when "
+                            f"loaded, {st.st_size} now): it was truncated or overwritten in place; restart with a "
+                            "complete copy of the artifact (copy it again or recompile), and replace files by "
+                            "renaming, never by writing over a file in use")
 
     @property
     def mm(self) -> mmap.mmap:

@@ -111,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "strategy": p.strategy, "weights_mode": p.weights_mode, "groups": len(p.groups),
                   "quant": p.quant, "weight_formats": sorted(p.weight_formats()),
                   "planned_peak_mb": round(p.predicted["peak_bytes"] / 2**20, 1),
-                  "read_s": round(r.read_s, 4), "wait_s": round(r.wait_s, 4), "compute_s": round(r.compute_s, 4),
+                  "read_s": round(r.read_s, 4), "check_s": round(r.check_s, 4), "wait_s": round(r.wait_s, 4),
+                  "compute_s": round(r.compute_s, 4),
                   "load_s": round(load_s, 3), "first_token_s": round(first_token_s, 3),
                   "threads": s.engine.threads, "elapsed_s": round(time.perf_counter() - t0, 3)}
         if s.governor is not None:

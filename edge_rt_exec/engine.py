@@ -1,4 +1,4 @@
-"""The engine: binds a plan's schedule (plan schema 2) to the op registry's kernels and replays it on one arena.
+"""The engine: binds a plan's schedule (plan schema 3) to the op registry's kernels and replays it on one arena.
 
 Every buffer lives at its plan offset in one `uint8` arena allocated once. A run takes named graph inputs;
 their shapes decide every op's shapes (the registry's shape rules). For one set of input shapes the engine
@@ -27,6 +27,7 @@ import numpy as np
 
 from . import formats as F
 from . import ops
+from .checksum import fletcher
 from .errors import InternalError, UserError
 from .ops.registry import PAR_MIN, OpDef, ShapeError, Site, WarmSpec, numel, with_defaults
 from .plan import WEIGHT_REF, Op, Plan, load_plan
@@ -266,6 +267,7 @@ class Engine:
     def run(self, feeds: dict[str, Any], in_place: dict[str, Shape] | None = None) -> None:
         """Run the graph on named inputs (`in_place`: inputs already in their buffers, by shape: a decoder's
         past keys and values). Outputs are read with `output(name)` until the next run."""
+        self.st.file.unchanged("weights file")  # a mapped file cut short would end the process with SIGBUS
         shapes = self.bind_inputs(feeds, in_place or {})
         key = tuple(shapes[i["name"]] for i in self.plan.graph["inputs"])
         prog = self._programs.get(key)
@@ -565,6 +567,8 @@ def warm_plan(plan: Plan, notice: Any = None) -> None:
 
     if notice is not None:
         candidates = {k for op in plan.schedule for k in ops.get(op.op).kernels if not k.loaded}
+        if plan.weights_mode == "streamed" and not fletcher.loaded:
+            candidates.add(fletcher)
         said: list[bool] = []
 
         def announce(k: Any) -> None:
@@ -582,6 +586,8 @@ def warm_plan(plan: Plan, notice: Any = None) -> None:
 
 
 def _warm(plan: Plan) -> None:
+    if plan.weights_mode == "streamed":
+        fletcher.load()  # the streamer checks every group it reads
     seen: set[Any] = set()
     for op in plan.schedule:
         d = ops.get(op.op)

@@ -56,6 +56,7 @@ class GenerationResult:
     first_token_time: float = 0.0  #: wall clock (time.time()) when the first token was ready
     cached_tokens: int = 0  #: prompt tokens whose KV cache was reused from the previous call
     read_s: float = 0.0
+    check_s: float = 0.0  #: of the streamer: time spent checking group checksums
     wait_s: float = 0.0
     compute_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -238,7 +239,8 @@ class Session:
             tokens=out, text=text, prompt_tokens=n_prompt, prefill_ms=(t1 - t0) * 1e3, decode_ms=decode_s * 1e3,
             decode_tok_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0, stop_reason=reason,
             first_token_time=first_wall, cached_tokens=cached,
-            read_s=s.read_s if s else 0.0, wait_s=s.wait_s if s else 0.0, compute_s=eng.timings.compute_s)
+            read_s=s.read_s if s else 0.0, check_s=s.check_s if s else 0.0, wait_s=s.wait_s if s else 0.0,
+            compute_s=eng.timings.compute_s)
 
     # ---- encoders ---------------------------------------------------------------------------------------
     def embed(self, sentences: list[str]) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from .errors import UserError
 
 PLAN_FORMAT = "edge-rt-plan"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  #: 3: streamed groups carry a checksum of their bytes (`Group.checksum`)
 PLAN_SUFFIX = ".plan.json"
 ALIGNMENT = 64
 #: In an op's `inputs`, a name starting with this refers to a weight (a key of `Plan.weights`), not a buffer.
@@ -76,6 +76,9 @@ class Group:
     byte_end: int
     slot: int | None  #: weight slot the group is read into; None when resident or weightless
     flops_per_token: int = 0
+    #: checksum of bytes [byte_start, byte_end) (`edge_rt_exec.checksum`: 32 hex digits), checked after every
+    #: read of the group into its slot; None when the group is not read into a slot
+    checksum: str | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ allocated or any kernel runs (numba kernels do no bounds checking). `check_plan`
   (buffer, weight, group, scratch, graph input/output, role) resolves;
 - the arena fits the plan's budget (and, at load, the memory available); every buffer lies inside the arena
   region of its kind, aligned; every weight's size is its format's size for its shape;
-- groups tile the schedule and streamed groups fit their slot;
+- groups tile the schedule and streamed groups fit their slot and carry a checksum;
 - lifetimes re-derived from the schedule never let two live buffers share bytes;
 - the KV cache covers `max_context`.
 
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import formats as F
+from .checksum import CHECKSUM_CHARS
 from .errors import UserError
 
 Plan = Any  #: an `edge_rt_exec.plan.Plan` (plan.py calls this module: importing it back would be a circle)
@@ -34,6 +35,7 @@ DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "u
           "bool")
 KV_DTYPES = {"float32": "float32", "float16": "uint16"}
 MAX_INT = 1 << 53
+HEX_DIGITS = "0123456789abcdef"
 #: Region of the arena each buffer kind lives in (`arena[region]` = {offset, size}).
 REGION = {"state": "state", "const": "state", "input": "activations", "activation": "activations",
           "scratch": "activations"}
@@ -268,6 +270,12 @@ def _groups(plan: Plan, where: str) -> None:
             _int(gw, "byte_start", g.byte_start)
             if g.byte_end - g.byte_start > min(s["nbytes"] for s in plan.arena["slots"]) or g.byte_end < g.byte_start:
                 raise _fail(gw, f"bytes [{g.byte_start}, {g.byte_end}) do not fit a weight slot")
+            if not isinstance(g.checksum, str) or len(g.checksum) != CHECKSUM_CHARS \
+                    or g.checksum.strip(HEX_DIGITS):
+                raise _fail(gw, f"checksum = {g.checksum!r} is not {CHECKSUM_CHARS} lowercase hex digits (every "
+                                "streamed group carries one)")
+        elif g.checksum is not None:
+            raise _fail(gw, "has a checksum but is not read into a slot")
     if pos != len(plan.schedule):
         raise _fail(where, f"groups cover {pos} of {len(plan.schedule)} ops")
 

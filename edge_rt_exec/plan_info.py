@@ -63,12 +63,19 @@ def describe(plan: Plan, verify: bool = False) -> dict[str, Any]:
     for note in pr.get("notes", []):
         lines.append(f"            {note}")
     if verify:
+        from .checksum import checksum
         from .weights import open_weights, verify_weights_sha
 
         st = open_weights(plan)
         ok = verify_weights_sha(plan, st)
+        bad = [g.index for g in plan.groups if g.slot is not None and g.checksum != checksum(
+            st.file.view(g.byte_start, g.byte_end - g.byte_start, "u1", (g.byte_end - g.byte_start,), "group"))]
         st.close()
         data["weights_ok"] = ok
+        data["corrupt_groups"] = bad
         lines.append(f"weights     sha256 {'matches' if ok else 'DOES NOT MATCH'} the plan "
                      f"({plan.files.get('weights_sha256', '')[:16]}...)")
+        if bad:
+            lines.append(f"            streamed groups {bad} do not match their checksums: copy the artifact folder "
+                         "again, or recompile")
     return {"data": data, "text": "\n".join(lines)}

@@ -2,6 +2,8 @@
 
 Streamed groups are read with `pread` into a weight slot of the arena, so the page cache's copy is never
 mapped into this process and a finished group leaves nothing resident behind: its slot is simply refilled.
+Every read is checked against the group's checksum in the plan before the slot is handed to the kernels, so a
+corrupt weights file is one line naming the group, not wrong tokens.
 With two slots (`speculative_prefetch`) a reader thread fills the next slot while the kernels, which release
 the GIL, compute on the current one.
 """
@@ -17,7 +19,8 @@ import numpy as np
 
 from . import formats as F
 from .binfile import SafetensorsFile
-from .errors import UserError
+from .checksum import fletcher, to_words
+from .errors import InternalError, UserError
 from .plan import Group, Plan
 
 
@@ -70,6 +73,7 @@ SPANS_KEPT = 256
 class StreamStats:
     read_bytes: int = 0
     read_s: float = 0.0  #: time the reader spent in pread
+    check_s: float = 0.0  #: time the reader spent checking group checksums (`edge_rt_exec.checksum`)
     wait_s: float = 0.0  #: time compute waited for a slot to be filled
     reads: int = 0
     #: the latest reads: (position in the cyclic read sequence, group index, perf_counter at start, at end)
@@ -88,6 +92,14 @@ class GroupStreamer:
         self.slots = slots
         self.prefetch = prefetch and len(slots) >= 2 and len(self.seq) >= 2
         self.stats = StreamStats()
+        self._fletcher = fletcher.load()  # the dispatcher itself (the kernel runs without the GIL)
+        self._sums = np.zeros(2, np.uint64)  # used by the one thread that reads
+        self._want: dict[int, tuple[np.uint64, np.uint64]] = {}
+        for g in self.seq:
+            if g.checksum is None:
+                raise InternalError(f"streamed group {g.index} has no checksum (plan_check requires one)")
+            a, b = to_words(g.checksum)
+            self._want[g.index] = (np.uint64(a), np.uint64(b))
         self._k = 0  # consumer's position in the cyclic read sequence
         self._held: list[int | None] = [None] * len(slots)  # group index each slot holds (sync mode)
         self._use_start = 0.0  # when `acquire` returned the slot in use
@@ -102,14 +114,26 @@ class GroupStreamer:
             self._thread.start()
 
     def _read(self, g: Group, slot: int, k: int) -> None:
+        """Read group `g` into `slot` and check its checksum (`edge_rt_exec.checksum`) before any kernel sees it:
+        a mismatch is one line naming the group. One pread and one kernel call: the reader thread takes the GIL
+        back as few times as it can while the kernels' thread runs."""
         t0 = time.perf_counter()
         n = g.byte_end - g.byte_start
-        self.st.file.read_into(g.byte_start, self.slots[slot][:n], f"group {g.index}")
+        buf = self.slots[slot][:n]
+        self.st.file.read_into(g.byte_start, buf, f"group {g.index}")
         t1 = time.perf_counter()
+        self._fletcher(buf, self._sums)
+        t2 = time.perf_counter()
+        if (self._sums[0], self._sums[1]) != self._want[g.index]:
+            f = self.st.file
+            raise UserError(f"{f.path}: group {g.index} (bytes [{g.byte_start}, {g.byte_end}) of {f.path.name}) "
+                            "does not match its checksum in the plan: the weights file is corrupt (a failing SD "
+                            "card?); copy the artifact folder to the device again, or recompile")
         self.stats.read_s += t1 - t0
+        self.stats.check_s += t2 - t1
         self.stats.read_bytes += n
         self.stats.reads += 1
-        self.stats.read_spans.append((k, g.index, t0, t1))
+        self.stats.read_spans.append((k, g.index, t0, t2))
 
     def _reader(self) -> None:
         k = 0

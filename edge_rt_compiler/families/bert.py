@@ -9,28 +9,35 @@ from edge_rt_exec.errors import UserError
 
 from ..ir import GraphBuilder
 from . import blocks as B
-from .base import Checkpoint, Family, Mapping, TransformerConfig, find_prefix, need, same
+from .base import (
+    Checkpoint,
+    Family,
+    Mapping,
+    TransformerConfig,
+    attention_heads,
+    cfg_float,
+    cfg_int,
+    cfg_str,
+    find_prefix,
+    same,
+)
 
 ACTIVATIONS = {"gelu": "gelu_erf", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def from_hf(cfg: dict, t: Checkpoint, folder: Path) -> tuple[TransformerConfig, Mapping]:
     """config.json + tensor names of BertModel (sentence-transformers folders)."""
-    d = int(need(cfg, "hidden_size", folder))
-    n_head = int(need(cfg, "num_attention_heads", folder))
-    act = cfg.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise UserError(f"{folder / 'config.json'}: hidden_act {act!r} is not supported for bert; "
-                        f"supported: {', '.join(ACTIVATIONS)}")
-    if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise UserError(f"{folder / 'config.json'}: position_embedding_type "
-                        f"{cfg.get('position_embedding_type')!r} is not supported; supported: absolute")
+    d = cfg_int(cfg, "hidden_size", folder)
+    n_head, _, head_dim = attention_heads(cfg, folder, d, ("num_attention_heads", None))
+    act = cfg_str(cfg, "hidden_act", folder, "gelu", ACTIVATIONS)
+    cfg_str(cfg, "position_embedding_type", folder, "absolute", ("absolute",))
     config = TransformerConfig(
-        family="bert", vocab_size=int(need(cfg, "vocab_size", folder)), hidden_size=d,
-        n_layers=int(need(cfg, "num_hidden_layers", folder)), n_heads=n_head, n_kv_heads=n_head,
-        head_dim=d // n_head if n_head else 0, intermediate_size=int(need(cfg, "intermediate_size", folder)),
-        max_position=int(cfg.get("max_position_embeddings", 512)), norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
-        tie_embeddings=False, activation=ACTIVATIONS[act], type_vocab_size=int(cfg.get("type_vocab_size", 2)),
+        family="bert", vocab_size=cfg_int(cfg, "vocab_size", folder), hidden_size=d,
+        n_layers=cfg_int(cfg, "num_hidden_layers", folder), n_heads=n_head, n_kv_heads=n_head, head_dim=head_dim,
+        intermediate_size=cfg_int(cfg, "intermediate_size", folder),
+        max_position=cfg_int(cfg, "max_position_embeddings", folder, default=512),
+        norm_eps=cfg_float(cfg, "layer_norm_eps", folder, 1e-12), tie_embeddings=False,
+        activation=ACTIVATIONS[act], type_vocab_size=cfg_int(cfg, "type_vocab_size", folder, default=2),
     )
     p = find_prefix(t, ["bert.", ""], "embeddings.word_embeddings.weight", folder)
 

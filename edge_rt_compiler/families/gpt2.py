@@ -10,26 +10,35 @@ from edge_rt_exec.errors import UserError
 
 from ..ir import GraphBuilder
 from . import blocks as B
-from .base import Checkpoint, Family, Mapping, TransformerConfig, find_prefix, need, same
+from .base import (
+    Checkpoint,
+    Family,
+    Mapping,
+    TransformerConfig,
+    attention_heads,
+    cfg_float,
+    cfg_int,
+    cfg_str,
+    find_prefix,
+    same,
+)
 
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 
 
 def from_hf(cfg: dict, t: Checkpoint, folder: Path) -> tuple[TransformerConfig, Mapping]:
     """config.json + tensor names of GPT2LMHeadModel (Conv1D weights as `[out, in]`)."""
-    d = int(need(cfg, "n_embd", folder, "hidden_size"))
-    n_layer = int(need(cfg, "n_layer", folder, "num_hidden_layers"))
-    n_head = int(need(cfg, "n_head", folder, "num_attention_heads"))
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise UserError(f"{folder / 'config.json'}: activation_function {act!r} is not supported; "
-                        f"supported: {', '.join(ACTIVATIONS)}")
+    d = cfg_int(cfg, "n_embd", folder, "hidden_size")
+    n_layer = cfg_int(cfg, "n_layer", folder, "num_hidden_layers")
+    n_head, _, head_dim = attention_heads(cfg, folder, d, ("n_head", "num_attention_heads"))
+    act = cfg_str(cfg, "activation_function", folder, "gelu_new", ACTIVATIONS)
     config = TransformerConfig(
-        family="gpt2", vocab_size=int(need(cfg, "vocab_size", folder)), hidden_size=d, n_layers=n_layer,
-        n_heads=n_head, n_kv_heads=n_head, head_dim=d // n_head if n_head else 0,
-        intermediate_size=int(cfg.get("n_inner") or 4 * d),
-        max_position=int(need(cfg, "n_positions", folder, "n_ctx")),
-        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), tie_embeddings=True, activation=ACTIVATIONS[act],
+        family="gpt2", vocab_size=cfg_int(cfg, "vocab_size", folder), hidden_size=d, n_layers=n_layer,
+        n_heads=n_head, n_kv_heads=n_head, head_dim=head_dim,
+        intermediate_size=cfg_int(cfg, "n_inner", folder, default=4 * d, null_is_default=True),
+        max_position=cfg_int(cfg, "n_positions", folder, "n_ctx"),
+        norm_eps=cfg_float(cfg, "layer_norm_epsilon", folder, 1e-5), tie_embeddings=True,
+        activation=ACTIVATIONS[act],
     )
     p = find_prefix(t, ["transformer.", ""], "wte.weight", folder)
     m: Mapping = {"tok_embed.weight": same(t, p + "wte.weight", folder),

@@ -7,34 +7,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_rt_exec.errors import UserError
-
 from ..ir import GraphBuilder
 from . import blocks as B
-from .base import Checkpoint, Family, Mapping, TransformerConfig, find_prefix, need, rope_params, same
+from .base import (
+    Checkpoint,
+    Family,
+    Mapping,
+    TransformerConfig,
+    attention_heads,
+    cfg_bool,
+    cfg_float,
+    cfg_int,
+    cfg_str,
+    find_prefix,
+    rope_params,
+    same,
+)
 
 
 def from_hf(cfg: dict, t: Checkpoint, folder: Path, family: str = "llama",
             biases: tuple[str, ...] = ()) -> tuple[TransformerConfig, Mapping]:
     """config.json + tensor names of LlamaForCausalLM. `biases`: projections that must have a bias (qwen2's
     q, k, v); others take one when the checkpoint has it (`attention_bias`)."""
-    d = int(need(cfg, "hidden_size", folder))
-    n_head = int(need(cfg, "num_attention_heads", folder))
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"{folder / 'config.json'}: hidden_act {act!r} is not supported for {family}; supported: silu")
-    tie = bool(cfg.get("tie_word_embeddings", False))
+    d = cfg_int(cfg, "hidden_size", folder)
+    n_head, n_kv, head_dim = attention_heads(cfg, folder, d, ("num_attention_heads", None), "num_key_value_heads",
+                                             "head_dim")
+    act = cfg_str(cfg, "hidden_act", folder, "silu", ("silu",))
+    tie = cfg_bool(cfg, "tie_word_embeddings", folder, False)
     if not tie and not t.has("lm_head.weight"):
         tie = True  # some exports drop the tied copy
-    theta, scaling = rope_params(cfg)
+    theta, scaling = rope_params(cfg, folder)
     config = TransformerConfig(
-        family=family, vocab_size=int(need(cfg, "vocab_size", folder)), hidden_size=d,
-        n_layers=int(need(cfg, "num_hidden_layers", folder)), n_heads=n_head, n_kv_heads=n_kv,
-        head_dim=int(cfg.get("head_dim") or (d // n_head if n_head else 0)),
-        intermediate_size=int(need(cfg, "intermediate_size", folder)),
-        max_position=int(cfg.get("max_position_embeddings", 2048)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling, tie_embeddings=tie, activation="silu",
+        family=family, vocab_size=cfg_int(cfg, "vocab_size", folder), hidden_size=d,
+        n_layers=cfg_int(cfg, "num_hidden_layers", folder), n_heads=n_head, n_kv_heads=n_kv, head_dim=head_dim,
+        intermediate_size=cfg_int(cfg, "intermediate_size", folder),
+        max_position=cfg_int(cfg, "max_position_embeddings", folder, default=2048),
+        norm_eps=cfg_float(cfg, "rms_norm_eps", folder, 1e-6),
+        rope_theta=theta, rope_scaling=scaling, tie_embeddings=tie, activation=act,
     )
     p = find_prefix(t, ["model.", ""], "embed_tokens.weight", folder)
     m: Mapping = {"tok_embed.weight": same(t, p + "embed_tokens.weight", folder),

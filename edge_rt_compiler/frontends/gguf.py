@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ CONFIG_KEYS = ("family", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_
                "activation", "type_vocab_size")
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+#: Largest count a GGUF's metadata may state (int32, as the executor's indices).
+MAX_SIZE = (1 << 31) - 1
 
 # GGUF tensor name (llama) -> canonical name; `{i}` = layer
 _GLOBAL_NAMES = {
@@ -142,16 +144,18 @@ class _Meta:
                             "llama.cpp's convert_hf_to_gguf.py")
         return self.get(key)
 
-    def int(self, key: str, default: int | None = None, *, required: bool = True, minimum: int = 1) -> int:
+    def int(self, key: str, default: int | None = None, *, required: bool = True, minimum: int = 1,
+            maximum: int = MAX_SIZE) -> int:
         if not self.has(key) and not required:
             assert default is not None
             return default
         v = self.need(key)
         if isinstance(v, list) and v and all(x == v[0] for x in v):  # per-layer array with one value
             v = v[0]
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise UserError(f"{self.where}: GGUF metadata '{key}' = {v!r}, expected an integer >= {minimum}; "
-                            "fix or re-convert the file")
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
+            shown = repr(v) if not isinstance(v, list) else f"an array of {len(v)} different values"
+            raise UserError(f"{self.where}: GGUF metadata '{key}' = {shown[:60]}, expected an integer in "
+                            f"[{minimum}, {maximum}]; fix or re-convert the file")
         return int(v)
 
     def float(self, key: str, default: float | None = None) -> float:
@@ -169,9 +173,10 @@ def _rope_scaling(m: _Meta, arch: str) -> dict[str, Any] | None:
     kind = m.get(f"{arch}.rope.scaling.type")
     factor = m.get(f"{arch}.rope.scaling.factor")
     if kind is None:
-        legacy = m.get(f"{arch}.rope.scale_linear")
-        if legacy is not None and float(legacy) != 1.0:
-            return {"rope_type": "linear", "factor": float(legacy)}
+        if m.has(f"{arch}.rope.scale_linear"):
+            legacy = m.float(f"{arch}.rope.scale_linear")
+            if legacy != 1.0:
+                return {"rope_type": "linear", "factor": legacy}
         return None
     if kind == "none":
         return None
@@ -182,20 +187,34 @@ def _rope_scaling(m: _Meta, arch: str) -> dict[str, Any] | None:
         return {"rope_type": "linear", "factor": m.float(f"{arch}.rope.scaling.factor")}
     if kind == "yarn":
         d: dict[str, Any] = {"rope_type": "yarn", "factor": m.float(f"{arch}.rope.scaling.factor")}
-        orig = m.get(f"{arch}.rope.scaling.original_context_length")
-        if orig is not None:
-            d["original_max_position_embeddings"] = int(orig)
+        if m.has(f"{arch}.rope.scaling.original_context_length"):
+            d["original_max_position_embeddings"] = m.int(f"{arch}.rope.scaling.original_context_length")
         for gg, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
                        ("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor")):
-            v = m.get(f"{arch}.rope.scaling.{gg}")
-            if v is not None:
-                d[hf] = float(str(np.float32(v)))
+            if m.has(f"{arch}.rope.scaling.{gg}"):
+                d[hf] = m.float(f"{arch}.rope.scaling.{gg}")
         return d
     raise UserError(f"{m.where}: RoPE scaling type {kind!r} ('{arch}.rope.scaling.type') is not supported; "
                     "supported: none, linear")
 
 
-def _config(m: _Meta) -> dict[str, Any]:
+def _blocks(names: Iterable[str]) -> set[int]:
+    """The N of every `blk.N.*` tensor."""
+    return {int(p[1]) for p in (n.split(".", 2) for n in names) if len(p) == 3 and p[0] == "blk" and p[1].isdigit()}
+
+
+def _bounded(m: _Meta, key: str, value: int, found: int | None, what: str) -> int:
+    """A metadata count checked against the tensors present (`found`, None when that tensor is missing: the
+    missing tensor is reported later), before anything is sized from it. `what` says where `{found}` comes from."""
+    if found is not None and value != found:
+        raise UserError(f"{m.where}: GGUF metadata '{key}' = {value} but {what.format(found=found)}; the header does "
+                        "not match the tensors, fix or re-convert the file")
+    return value
+
+
+def _config(m: _Meta, dims: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The canonical config from the metadata; every count that sizes something (blocks, widths, heads, vocabulary)
+    is checked against the tensors actually in the file (`dims`: GGML order, ne0 first) before it is used."""
     arch = m.need("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{m.where}: GGUF architecture {arch!r} (general.architecture) is not supported; "
@@ -203,13 +222,33 @@ def _config(m: _Meta) -> dict[str, Any]:
     if m.get(f"{arch}.expert_count", 0):
         raise UserError(f"{m.where}: mixture-of-experts GGUF ('{arch}.expert_count' = {m.get(f'{arch}.expert_count')})"
                         " is not supported; use a dense model")
-    hidden = m.int(f"{arch}.embedding_length")
+    def ne(name: str, axis: int) -> int | None:
+        d = dims.get(name)
+        return d[axis] if d is not None and len(d) > axis else None
+
+    blocks = _blocks(dims)
+    n_layers = _bounded(m, f"{arch}.block_count", m.int(f"{arch}.block_count"), len(blocks),
+                        "the file has tensors of {found} blocks (blk.N)")
+    if blocks != set(range(n_layers)):
+        odd = min(set(range(n_layers)) ^ blocks)
+        raise UserError(f"{m.where}: the file's blocks are not numbered blk.0..blk.{n_layers - 1} (blk.{odd} is "
+                        "missing or out of range); fix or re-convert the file")
+    hidden = _bounded(m, f"{arch}.embedding_length", m.int(f"{arch}.embedding_length"), ne("token_embd.weight", 0),
+                      "tensor 'token_embd.weight' is {found} wide")
     n_heads = m.int(f"{arch}.attention.head_count")
     n_kv = m.int(f"{arch}.attention.head_count_kv", n_heads, required=False)
     if n_heads % n_kv:
-        raise UserError(f"{m.where}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}; "
-                        "fix or re-convert the file")
+        raise UserError(f"{m.where}: GGUF metadata '{arch}.attention.head_count' = {n_heads} is not a multiple of "
+                        f"'{arch}.attention.head_count_kv' = {n_kv}; fix or re-convert the file")
+    if not m.has(f"{arch}.attention.key_length") and hidden % n_heads:
+        raise UserError(f"{m.where}: GGUF metadata '{arch}.attention.head_count' = {n_heads} does not divide "
+                        f"'{arch}.embedding_length' = {hidden}; fix or re-convert the file")
     head_dim = m.int(f"{arch}.attention.key_length", hidden // n_heads, required=False)
+    q_rows, k_rows = ne("blk.0.attn_q.weight", 1), ne("blk.0.attn_k.weight", 1)
+    _bounded(m, f"{arch}.attention.head_count", n_heads, None if q_rows is None else q_rows // head_dim,
+             f"tensor 'blk.0.attn_q.weight' has {q_rows} rows: {{found}} heads of size {head_dim}")
+    _bounded(m, f"{arch}.attention.head_count_kv", n_kv, None if k_rows is None else k_rows // head_dim,
+             f"tensor 'blk.0.attn_k.weight' has {k_rows} rows: {{found}} heads of size {head_dim}")
     v_dim = m.int(f"{arch}.attention.value_length", head_dim, required=False)
     if v_dim != head_dim:
         raise UserError(f"{m.where}: attention.value_length {v_dim} != key_length {head_dim} is not supported; "
@@ -221,18 +260,24 @@ def _config(m: _Meta) -> dict[str, Any]:
     if rope_dims != head_dim:
         raise UserError(f"{m.where}: partial rotary embeddings ('{arch}.rope.dimension_count' = {rope_dims}, "
                         f"head size {head_dim}) are not supported; use a model with full-width RoPE")
+    rows = ne("token_embd.weight", 1)
     tokens = m.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and rows is not None and len(tokens) != rows:
+        raise UserError(f"{m.where}: GGUF metadata 'tokenizer.ggml.tokens' has {len(tokens)} tokens but tensor "
+                        f"'token_embd.weight' has {rows} rows; the header does not match the tensors, fix or "
+                        "re-convert the file")
     vocab = m.int(f"{arch}.vocab_size", len(tokens) if isinstance(tokens, list) else 0,
                   required=not isinstance(tokens, list))
+    vocab = _bounded(m, f"{arch}.vocab_size", vocab, rows, "tensor 'token_embd.weight' has {found} rows")
     return {
         "family": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "n_layers": m.int(f"{arch}.block_count"),
+        "n_layers": n_layers,
         "n_heads": n_heads,
         "n_kv_heads": n_kv,
         "head_dim": head_dim,
-        "intermediate_size": m.int(f"{arch}.feed_forward_length"),
+        "intermediate_size": m.int(f"{arch}.feed_forward_length"),  # checked by every ffn tensor's shape
         "max_position": m.int(f"{arch}.context_length"),
         "norm_eps": m.float(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": m.float(f"{arch}.rope.freq_base", 10000.0),  # llama.cpp's default
@@ -363,7 +408,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         raise UserError(f"{where}: the GGUF header is inconsistent ({len(reader.tensors)} vs {len(raw_tensors)} "
                         "tensors); re-download or re-convert the file")
     m = _Meta(reader, where)
-    cfg = _config(m)
+    cfg = _config(m, {t.name: t.dims for t in raw_tensors})
 
     by_name = {t.name: t for t in reader.tensors}
     unknown = [n for n in by_name if _canonical_name(n, cfg["n_layers"]) is None]

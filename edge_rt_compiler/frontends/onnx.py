@@ -31,7 +31,7 @@ from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
 
 from ..ir import Data, GraphBuilder
-from .base import ModelSource
+from .base import ModelSource, read_tokenizer, token_id, token_ids
 
 MIN_OPSET = 13
 #: Op types the compiler removes itself (never reach the executor).
@@ -437,9 +437,7 @@ def load_onnx(path: Path, name: str | None = None) -> ModelSource:
     key = hashlib.sha256(f"onnx:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     src = ModelSource(name=str(g.graph["name"]), graph=g, source_key=key, max_position=1 << 30, origin=str(path),
                       ignored=unused, default_context=DEFAULT_CONTEXT)
-    tok = path.parent / "tokenizer.json"
-    if tok.is_file():
-        src.tokenizer_json = tok.read_text(encoding="utf-8")
+    src.tokenizer_json = read_tokenizer(path.parent / "tokenizer.json")
     src.generation.update(_generation_from_folder(path.parent))
     return src
 
@@ -447,6 +445,7 @@ def load_onnx(path: Path, name: str | None = None) -> ModelSource:
 def _generation_from_folder(folder: Path) -> dict[str, Any]:
     """EOS/BOS ids from a config.json / generation_config.json beside the model (as HF exports leave them)."""
     found: dict[str, Any] = {}
+    where: dict[str, Path] = {}
     for fname in ("config.json", "generation_config.json"):
         f = folder / fname
         if f.is_file():
@@ -457,11 +456,10 @@ def _generation_from_folder(folder: Path) -> dict[str, Any]:
             if isinstance(d, dict):
                 for k in ("bos_token_id", "eos_token_id"):
                     if d.get(k) is not None:
-                        found[k] = d[k]
+                        found[k], where[k] = d[k], f
     gen: dict[str, Any] = {}
-    eos = found.pop("eos_token_id", None)
-    if eos is not None:
-        gen["eos_token_ids"] = eos if isinstance(eos, list) else [eos]
+    if "eos_token_id" in found:
+        gen["eos_token_ids"] = token_ids(found["eos_token_id"], "eos_token_id", where["eos_token_id"])
     if "bos_token_id" in found:
-        gen["bos_token_id"] = found["bos_token_id"]
+        gen["bos_token_id"] = token_id(found["bos_token_id"], "bos_token_id", where["bos_token_id"])
     return gen

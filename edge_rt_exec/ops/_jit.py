@@ -39,8 +39,8 @@ on_compile: Callable[[Kernel], None] | None = None
 
 # ---- type tokens (resolved to numba types when a kernel is built) --------------------------------------------
 
-F32, F64, F16, I64, I32, I8, U8, U16, U32, BOOL = ("float32", "float64", "float16", "int64", "int32", "int8",
-                                                   "uint8", "uint16", "uint32", "bool")
+F32, F64, F16, I64, I32, I8, U8, U16, U32, U64, BOOL = ("float32", "float64", "float16", "int64", "int32", "int8",
+                                                        "uint8", "uint16", "uint32", "uint64", "bool")
 
 
 class arr:  # noqa: N801 - reads like a type in signatures
