@@ -51,7 +51,7 @@ def _session(args: argparse.Namespace):
     tok = load_tokenizer(plan) if "tokenizer" in plan.files else None  # loaded once, before the baseline
     baseline = peak_rss()
     s = Session(plan, threads=args.threads, validate=getattr(args, "validate", False), tokenizer=tok,
-                profile=getattr(args, "profile", False))
+                profile=getattr(args, "profile", False), adapt_threads=not getattr(args, "fixed_threads", False))
     return s, baseline, time.perf_counter() - t0
 
 
@@ -114,7 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "read_s": round(r.read_s, 4), "check_s": round(r.check_s, 4), "wait_s": round(r.wait_s, 4),
                   "compute_s": round(r.compute_s, 4),
                   "load_s": round(load_s, 3), "first_token_s": round(first_token_s, 3),
-                  "threads": s.engine.threads, "elapsed_s": round(time.perf_counter() - t0, 3)}
+                  "threads": s.adapter.max_threads if s.adapter is not None else s.engine.threads,
+                  "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if s.adapter is not None:
+            result["adapt_threads"] = s.adapter.report()
         if s.governor is not None:
             result["thermal"] = s.governor.report()
         if args.validate:
@@ -177,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _warm_runtime(plan)
     toks = [load_tokenizer(p) if "tokenizer" in p.files else None for p in plans]
     baseline = peak_rss()
-    sessions = [Session(p, threads=args.threads, tokenizer=t) for p, t in zip(plans, toks)]
+    sessions = [Session(p, threads=args.threads, tokenizer=t, adapt_threads=not args.fixed_threads)
+                for p, t in zip(plans, toks)]
     if args.max_temp is not None:
         for s in sessions:
             s.hold_temperature(args.max_temp, notify=lambda m: print(m, file=sys.stderr, flush=True))
@@ -409,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="numba threads: a number, or 'auto' for the cores idle right now (default: the plan's "
                        "target preset, at most the cores this process may use)")
 
+    def fixed(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fixed-threads", action="store_true",
+                       help="keep the thread count fixed; by default decoding times its tokens and runs fewer "
+                       "threads (down to 1) while another process slows them, and more again when it goes away")
+
     def sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
         g = p.add_argument_group("sampling (llama.cpp's names and defaults where they exist)")
         g.add_argument("-n", "--max-tokens", type=_int_at_least(1), default=max_tokens,
@@ -438,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--system", default=None, help="with --chat: the system prompt (default: the template's)")
     sampling(r, 64)
+    fixed(r)
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--no-stream", action="store_true", help="print the text at the end")
     r.add_argument("--validate", action="store_true", help="also run every op's numpy twin and report the "
@@ -449,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--system", default=None, help="the system prompt (default: the template's)")
     sampling(c, 256)
+    fixed(c)
     c.set_defaults(fn=cmd_chat)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over one or more plans (the serve extra)")
@@ -460,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-temp", type=_float_in(20.0, 120.0), default=None, metavar="C",
                    help="hold the SoC below C degrees (see run --help)")
     threads(v)
+    fixed(v)
     v.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("embed", help="sentence embeddings with an encoder plan")

@@ -106,7 +106,7 @@ class Session:
     """
 
     def __init__(self, plan: Plan | str, threads: int | None = None, validate: bool = False,
-                 tokenizer: Any = None, profile: bool = False) -> None:
+                 tokenizer: Any = None, profile: bool = False, adapt_threads: bool = True) -> None:
         from .plan import load_plan
 
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -119,12 +119,26 @@ class Session:
             "logits" in self.plan.graph.get("io", {}) else None
         self.name = str(self.plan.model.get("name"))
         self.governor: Any = None  #: a `thermal.ThermalGovernor` polled between tokens (`--max-temp`)
+        #: a `contention.ThreadAdapter` timing tokens (off: `adapt_threads=False`, the CLI's `--fixed-threads`)
+        self.adapter: Any = None
+        if adapt_threads and self.decoder is not None:
+            self.adapt_threads()
+
+    def adapt_threads(self, **config: Any) -> None:
+        """Adapt the thread count between tokens to what the cores give (see `contention.py`); `config`
+        overrides the adapter's settings (window, probe_every, slower, gain)."""
+        from .contention import ThreadAdapter
+
+        self.adapter = ThreadAdapter(self.engine.threads, self.engine.use_threads, **config)
 
     def hold_temperature(self, max_temp_c: float, notify: Callable[[str], None] | None = None) -> None:
         """Keep the SoC under `max_temp_c`: fewer threads, then paced tokens, near it (see `thermal.py`)."""
         from .thermal import ThermalGovernor
 
-        self.governor = ThermalGovernor(max_temp_c, self.engine.threads, self.engine.use_threads, notify=notify)
+        # with the adapter on, the governor's count is the adapter's ceiling
+        a = self.adapter
+        top, to = (a.max_threads, a.limit) if a is not None else (self.engine.threads, self.engine.use_threads)
+        self.governor = ThermalGovernor(max_temp_c, top, to, notify=notify)
 
     def close(self) -> None:
         self.engine.close()
@@ -195,6 +209,9 @@ class Session:
         first_wall = time.time()
         out: list[int] = []
         reason = "max_tokens"
+        adapter = self.adapter
+        if adapter is not None:
+            adapter.start()
         while True:
             if tok in eos:
                 reason = "eos"
@@ -216,6 +233,8 @@ class Session:
             if dec.pos + 1 > self.plan.max_context:
                 reason = "context"
                 break
+            if adapter is not None:
+                adapter.tick()
             if self.governor is not None:
                 self.governor.step()
             logits = dec.step(np.array([tok], dtype=np.int64))
