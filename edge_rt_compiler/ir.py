@@ -13,7 +13,8 @@ Nodes are ops of the executor's registry (`edge_rt_exec.ops`), keyed by a unique
 | `order` | position in the execution order |
 | `scratch`, `flops` | set by `passes.dims`: op-local scratch buffer names; FLOPs per token row |
 
-Edges run from the producer of a tensor to each of its consumers (`tensor` attribute); `relink` rebuilds them.
+Edges run from the producer of a tensor to each of its consumers (`tensor` attribute); a pass that rewires ops
+calls `relink` to bring them in line.
 
 Graph attributes:
 
@@ -36,6 +37,8 @@ Graph attributes:
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +54,11 @@ from edge_rt_exec.plan import WEIGHT_REF
 Shape = tuple[Any, ...]  #: ints, or symbol names before `passes.dims` binds them
 
 
+@functools.cache
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize  # (np.dtype() costs a microsecond; specs are sized 100k times per compile)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: Shape
@@ -59,7 +67,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Bytes of a concrete spec (Python ints: never wraps)."""
-        n = np.dtype(self.dtype).itemsize
+        n = _itemsize(self.dtype)
         for d in self.shape:
             n *= int(d)
         return n
@@ -229,70 +237,116 @@ def add_op(g: nx.DiGraph, name: str, op: str, inputs: list[str], outputs: list[s
     g.add_node(name, op=op, inputs=list(inputs), outputs=list(outputs), attrs=dict(attrs), unit=unit, order=order)
 
 
+def nodes_in_order(g: nx.DiGraph) -> list[tuple[str, dict[str, Any]]]:
+    """(op name, its attribute dict) in execution order. Loops over every op take the dict from here: a
+    `g.nodes[n]` look-up costs more than the work most passes do per op."""
+    return sorted(g.nodes(data=True), key=_order)
+
+
+def _order(item: tuple[str, dict[str, Any]]) -> float:
+    return item[1]["order"]
+
+
 def ops_in_order(g: nx.DiGraph) -> list[str]:
     """Op names in execution order."""
-    return sorted(g.nodes, key=lambda n: g.nodes[n]["order"])
+    return [n for n, _ in nodes_in_order(g)]
 
 
 def producers(g: nx.DiGraph) -> dict[str, str]:
     """tensor -> the op that writes it."""
-    return {t: n for n in g.nodes for t in g.nodes[n]["outputs"] if t}
+    return {t: n for n, node in g.nodes(data=True) for t in node["outputs"] if t}
 
 
 def consumers(g: nx.DiGraph) -> dict[str, list[str]]:
     """tensor (or "@weight") -> the ops that read it, in execution order."""
     cons: dict[str, list[str]] = defaultdict(list)
-    for n in ops_in_order(g):
-        for t in g.nodes[n]["inputs"]:
+    for n, node in nodes_in_order(g):
+        for t in node["inputs"]:
             if t:
                 cons[t].append(n)
     return cons
 
 
 def replace_ops(g: nx.DiGraph, region: Iterable[str], name: str, op: str, inputs: list[str], outputs: list[str],
-                attrs: dict[str, Any]) -> None:
-    """Replace the ops of `region` by one op placed where the first of them was."""
+                attrs: dict[str, Any], prod: dict[str, str] | None = None,
+                cons: dict[str, list[str]] | None = None) -> None:
+    """Replace the ops of `region` by one op placed where the first of them was. `prod` and `cons` (maps made by
+    `producers` and `consumers`), when given, are brought up to date: `.get` on them answers what the functions
+    would now return (a fusion pass then costs O(region), not O(graph), per fusion)."""
     region = list(region)
     order = min(g.nodes[n]["order"] for n in region)
     unit = g.nodes[region[0]]["unit"]
+    track = prod is not None and cons is not None
+    state = g.graph["state"]
+    # A tensor several ops write (a KV cache) has its last writer in `prod`: rebuild both maps then.
+    rebuild = track and any(t in state for n in region for t in g.nodes[n]["outputs"])
+    if track and not rebuild:
+        for n in region:
+            node = g.nodes[n]
+            for t in node["outputs"]:
+                if t and prod.get(t) == n:
+                    del prod[t]
+            for t in node["inputs"]:
+                if t:
+                    cons[t].remove(n)  # (once per position: `consumers` lists an op once per input reading t)
     g.remove_nodes_from(region)
     add_op(g, name, op, inputs, outputs, attrs, unit, order)
+    if rebuild:
+        prod.clear()
+        prod.update(producers(g))
+        cons.clear()
+        cons.update(consumers(g))
+    elif track:
+        for t in outputs:
+            if t:
+                prod[t] = name
+        for t in inputs:
+            if t:
+                bisect.insort(cons.setdefault(t, []), name, key=lambda c: g.nodes[c]["order"])
 
 
 def renumber(g: nx.DiGraph) -> nx.DiGraph:
-    """Orders 0..n-1 in the current execution order, and the edges rebuilt."""
-    for i, n in enumerate(ops_in_order(g)):
-        g.nodes[n]["order"] = i
-    relink(g)
+    """Orders 0..n-1 in the current execution order (the edges do not depend on it: every pass that rewires
+    ops relinks them itself; tests/test_ir_edges.py checks that they are right after the passes)."""
+    for i, (_, node) in enumerate(nodes_in_order(g)):
+        node["order"] = i
     return g
 
 
 def relink(g: nx.DiGraph) -> None:
-    """Rebuild the tensor edges from the ops' inputs and outputs."""
-    g.remove_edges_from(list(g.edges))
+    """Bring the tensor edges in line with the ops' inputs and outputs (one edge per producer and consumer; its
+    `tensor` is the consumer's last input from that producer). Only the edges that differ are touched: most
+    passes change few of them, and rebuilding every edge of a 100k-op graph cost a second each time."""
     prod = producers(g)
-    for n in g.nodes:
-        for t in g.nodes[n]["inputs"]:
+    want: dict[tuple[str, str], str] = {}
+    for n, node in g.nodes(data=True):
+        for t in node["inputs"]:
             src = prod.get(t)
             if src is not None and src != n:
-                g.add_edge(src, n, tensor=t)
+                want[(src, n)] = t
+    have = {(u, v): t for u, v, t in g.edges(data="tensor")}
+    if have == want:
+        return
+    g.remove_edges_from([e for e in have if e not in want])
+    g.add_edges_from((u, v, {"tensor": t}) for (u, v), t in want.items() if have.get((u, v)) != t)
 
 
 def weight_users(g: nx.DiGraph) -> dict[str, list[tuple[str, int]]]:
     """weight name -> [(op, input position)] in execution order."""
     users: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for n in ops_in_order(g):
-        for i, t in enumerate(g.nodes[n]["inputs"]):
+    for n, node in nodes_in_order(g):
+        for i, t in enumerate(node["inputs"]):
             if is_weight(t):
                 users[weight_name(t)].append((n, i))
     return users
 
 
-def gather_only(g: nx.DiGraph) -> set[str]:
-    """Weights only row gathers read (never loaded into a slot)."""
+def gather_only(g: nx.DiGraph, users: dict[str, list[tuple[str, int]]] | None = None) -> set[str]:
+    """Weights only row gathers read (never loaded into a slot); `users`: `weight_users(g)` if the caller has it."""
     out = set()
-    for w, uses in weight_users(g).items():
+    nodes = g.nodes
+    for w, uses in (users if users is not None else weight_users(g)).items():
         rank = len(g.graph["weights"][w].shape)
-        if all(is_row_gather(g.nodes[n]["op"], g.nodes[n]["attrs"], i, rank) for n, i in uses):
+        if all(is_row_gather(nodes[n]["op"], nodes[n]["attrs"], i, rank) for n, i in uses):
             out.add(w)
     return out

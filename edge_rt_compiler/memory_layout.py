@@ -283,9 +283,11 @@ class Arena:
     activations: dict[str, Any]  #: {offset, size, lower_bound, algorithm}
 
 
-def lay_out(g: nx.DiGraph, n_slots: int, slot_bytes: int, reqs: list[BufferRequest]) -> Arena:
-    """Slots, then the persistent region, then the activations placed by the smallest algorithm."""
-    acts = plan_activations(reqs)
+def lay_out(g: nx.DiGraph, n_slots: int, slot_bytes: int, reqs: list[BufferRequest],
+            acts: LayoutResult | None = None) -> Arena:
+    """Slots, then the persistent region, then the activations placed by the smallest algorithm (`acts`: its
+    result for these very `reqs`, when the caller already has it)."""
+    acts = acts if acts is not None else plan_activations(reqs)
     off = 0
     buffers: dict[str, Buffer] = {}
     slots = []

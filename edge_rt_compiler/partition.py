@@ -20,7 +20,7 @@ import networkx as nx
 
 from edge_rt_exec.errors import InternalError, UserError
 
-from .ir import is_row_gather, is_weight, ops_in_order, weight_name
+from .ir import is_row_gather, is_weight, nodes_in_order, weight_name
 from .passes.segments import TILEABLE
 from .sizes import fmt_bytes, parse_bytes
 from .weights_layout import WeightsLayout
@@ -131,8 +131,7 @@ def op_bytes(layout: WeightsLayout, op: str, inputs: tuple[str, ...], attrs: dic
 def sched_ops(g: nx.DiGraph, layout: WeightsLayout) -> list[SchedOp]:
     """The IR in execution order as scheduled ops, each with its weight byte range."""
     out = []
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for n, node in nodes_in_order(g):
         inputs = tuple(node["inputs"])
         bs, be = op_bytes(layout, node["op"], inputs, node["attrs"])
         out.append(SchedOp(n, n, node["op"], node["unit"], inputs, tuple(node["outputs"]),

@@ -12,7 +12,7 @@ from edge_rt_exec.errors import UserError
 
 from .families.base import TransformerConfig
 from .frontends.base import ModelSource
-from .ir import is_weight, ops_in_order, weight_name
+from .ir import is_weight, nodes_in_order, weight_name
 
 
 @dataclass
@@ -30,16 +30,17 @@ def check_acyclic(g: nx.DiGraph) -> None:
 
 def check_order(g: nx.DiGraph) -> None:
     """Every tensor is written before it is read, by exactly one op."""
-    for u, v, data in g.edges(data=True):
-        if g.nodes[u]["order"] >= g.nodes[v]["order"]:
-            raise UserError(f"op '{v}' consumes tensor '{data['tensor']}' before op '{u}' produces it")
+    order = dict(g.nodes(data="order"))
+    for u, v, t in g.edges(data="tensor"):
+        if order[u] >= order[v]:
+            raise UserError(f"op '{v}' consumes tensor '{t}' before op '{u}' produces it")
     written: dict[str, str] = {}
     available = {i["name"] for i in g.graph["inputs"]} | set(g.graph["state"]) | set(g.graph["constants"])
-    for n in ops_in_order(g):
-        for t in g.nodes[n]["inputs"]:
+    for n, node in nodes_in_order(g):
+        for t in node["inputs"]:
             if t and not is_weight(t) and t not in written and t not in available:
                 raise UserError(f"op '{n}': input tensor '{t}' is not produced by any earlier op nor a graph input")
-        for t in g.nodes[n]["outputs"]:
+        for t in node["outputs"]:
             if t and t in written and t not in g.graph["state"]:
                 raise UserError(f"op '{n}' writes tensor '{t}', which op '{written[t]}' already wrote")
             if t:
@@ -68,7 +69,7 @@ def check_config(c: TransformerConfig, g: nx.DiGraph, where: str) -> None:
 
 def unused_weights(g: nx.DiGraph, src: ModelSource) -> list[str]:
     """Weights no op reads and source tensors deliberately not used."""
-    used = {weight_name(t) for n in g.nodes for t in g.nodes[n]["inputs"] if is_weight(t)}
+    used = {weight_name(t) for _, node in g.nodes(data=True) for t in node["inputs"] if is_weight(t)}
     return sorted(set(g.graph["weights"]) - used) + list(src.ignored)
 
 

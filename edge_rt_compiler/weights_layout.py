@@ -21,7 +21,7 @@ import networkx as nx
 from edge_rt_exec import formats
 from edge_rt_exec.plan import ALIGNMENT
 
-from .ir import gather_only, is_row_gather, is_weight, ops_in_order, weight_name, weight_users
+from .ir import gather_only, is_row_gather, is_weight, nodes_in_order, weight_name, weight_users
 from .sizes import align
 
 LAYOUT_VERSION = "2"
@@ -57,12 +57,11 @@ class WeightsLayout:
 
 def weights_order(g: nx.DiGraph) -> tuple[list[str], set[str]]:
     """(weight names in file order, the gather-only ones)."""
-    only = gather_only(g)
+    users = weight_users(g)
+    only = gather_only(g, users)
     first: list[str] = []
     seen: set[str] = set()
-    users = weight_users(g)
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for _, node in nodes_in_order(g):
         for i, t in enumerate(node["inputs"]):
             if not is_weight(t):
                 continue

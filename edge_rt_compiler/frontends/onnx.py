@@ -360,8 +360,11 @@ def _shape_inference(model: Any, g: nx.DiGraph) -> None:
         tt = vi.type.tensor_type
         if tt.elem_type in ONNX_DTYPES:
             hints["dtypes"][vi.name] = ONNX_DTYPES[tt.elem_type]
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            hints["static"][vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+        if tt.HasField("shape"):
+            dims = tt.shape.dim
+            known = [int(d.dim_value) for d in dims if d.HasField("dim_value")]
+            if len(known) == len(dims):
+                hints["static"][vi.name] = tuple(known)
     for i in g.graph["inputs"]:  # the file's declaration wins over inference
         hints["dtypes"][i["name"]] = i["dtype"]
 

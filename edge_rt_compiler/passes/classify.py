@@ -13,7 +13,7 @@ import networkx as nx
 from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
 
-from ..ir import WEIGHT_REF, Weight, is_row_gather, ops_in_order, weight_users
+from ..ir import WEIGHT_REF, Weight, is_row_gather, nodes_in_order, weight_users
 
 #: float32 constants with at least this many elements go to the weights file; smaller ones inline.
 WEIGHT_MIN = 64
@@ -25,8 +25,7 @@ def classify(g: nx.DiGraph) -> nx.DiGraph:
     """Constants -> weights ("@name") or inline constants; per-reader weight copies."""
     consts = g.graph["constants"]
     as_value: dict[str, set[bool]] = {}
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for _, node in nodes_in_order(g):
         vin = ops.get(node["op"]).value_inputs if node["op"] in ops.REGISTRY else ()
         for i, t in enumerate(node["inputs"]):
             if t in consts:
@@ -38,9 +37,9 @@ def classify(g: nx.DiGraph) -> nx.DiGraph:
         c = consts[name]
         if c.dtype == "float32" and c.numel >= WEIGHT_MIN and True not in as_value[name]:
             g.graph["weights"][name] = Weight(consts.pop(name))
-    for n in g.nodes:
-        node = g.nodes[n]
-        node["inputs"] = [WEIGHT_REF + t if t in g.graph["weights"] else t for t in node["inputs"]]
+    weights = g.graph["weights"]
+    for _, node in g.nodes(data=True):
+        node["inputs"] = [WEIGHT_REF + t if t in weights else t for t in node["inputs"]]
     _one_copy_per_reader(g)
     inline = sum(c.numel for c in consts.values())
     if inline > INLINE_LIMIT:

@@ -7,30 +7,28 @@ import networkx as nx
 
 from edge_rt_exec.errors import UserError
 
-from ..ir import add_op, ops_in_order, relink
+from ..ir import add_op, nodes_in_order
 
 
 def dce(g: nx.DiGraph) -> nx.DiGraph:
     """Remove what no graph output needs; outputs folded to constants get a copy op."""
     needed = set(g.graph["outputs"])
-    for n in reversed(ops_in_order(g)):
-        node = g.nodes[n]
+    for n, node in reversed(nodes_in_order(g)):
         if any(t and t in needed for t in node["outputs"]):
             needed.update(t for t in node["inputs"] if t)
         else:
             g.remove_node(n)
-    for n in g.nodes:
-        g.nodes[n]["outputs"] = [t if t in needed else "" for t in g.nodes[n]["outputs"]]
+    for _, node in g.nodes(data=True):
+        node["outputs"] = [t if t in needed else "" for t in node["outputs"]]
     _outputs_from_constants(g)
-    relink(g)
-    return g
+    return g  # (only ops removed, and copies of constants added: the remaining edges are right)
 
 
 def _outputs_from_constants(g: nx.DiGraph) -> None:
-    produced = {t for n in g.nodes for t in g.nodes[n]["outputs"] if t}
+    produced = {t for _, node in g.nodes(data=True) for t in node["outputs"] if t}
     inputs = {i["name"] for i in g.graph["inputs"]}
     consts = g.graph["constants"]
-    last = max((g.nodes[n]["order"] for n in g.nodes), default=0)
+    last = max((order for _, order in g.nodes(data="order")), default=0)
     for k, name in enumerate(g.graph["outputs"]):
         if name in produced:
             continue

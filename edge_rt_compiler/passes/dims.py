@@ -26,7 +26,7 @@ import numpy as np
 from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
 
-from ..ir import WEIGHT_REF, TensorSpec, is_weight, ops_in_order, weight_name
+from ..ir import WEIGHT_REF, TensorSpec, is_weight, nodes_in_order, weight_name
 from .fold import fake
 from .normalize import where
 
@@ -154,8 +154,7 @@ def infer_at(g: nx.DiGraph, binding: dict[str, int]) -> dict[str, Spec]:
             values[name] = c.load()
     for name, w in g.graph["weights"].items():
         specs[WEIGHT_REF + name] = (w.shape, "float32", w.data.numel)
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for n, node in nodes_in_order(g):
         op, ins, outs = node["op"], node["inputs"], node["outputs"]
         if op not in ops.REGISTRY:
             raise UserError(f"{where(g, n)}: the executor has no op {op!r}")
@@ -227,11 +226,11 @@ def bind_dims(g: nx.DiGraph, dims: Dims) -> nx.DiGraph:
 
     flops: dict[str, int] = {}
     scratch: dict[str, list[int]] = {}
+    order = nodes_in_order(g)
     for specs, rows in zip(per, dims.rows):
         for name in [i["name"] for i in g.graph["inputs"]] + list(g.graph["state"]):
             keep(name, *specs[name])
-        for n in ops_in_order(g):
-            node = g.nodes[n]
+        for n, node in order:
             for t in node["outputs"]:
                 if t:
                     keep(t, *specs[t])
@@ -246,13 +245,13 @@ def bind_dims(g: nx.DiGraph, dims: Dims) -> nx.DiGraph:
             if d.scratch is not None:
                 counts = d.scratch(ins, ops.registry.with_defaults(d, node["attrs"]))
                 scratch[n] = [max(a, b) for a, b in zip(counts, scratch.get(n, [0] * len(counts)))]
-    for n in g.nodes:
+    for n, node in g.nodes(data=True):
         counts = scratch.get(n, [])
         names = [f"{n}.scratch"] if len(counts) == 1 else [f"{n}.scratch{i}" for i in range(len(counts))]
         for s, k in zip(names, counts):
             keep(s, (max(1, int(k)),), "float32", max(1, int(k)))
-        g.nodes[n]["scratch"] = names
-        g.nodes[n]["flops"] = max(1, int(flops.get(n, 1)))
+        node["scratch"] = names
+        node["flops"] = max(1, int(flops.get(n, 1)))
     g.graph["tensors"] = {name: spec for name, (_, spec) in best.items()}
     g.graph["dims"] = dims
     return g

@@ -12,7 +12,7 @@ import numpy as np
 from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
 
-from ..ir import Data, ops_in_order, relink, value
+from ..ir import Data, nodes_in_order, value
 from .normalize import where
 
 #: Constant folding skips ops whose constant inputs hold more elements than this.
@@ -53,8 +53,7 @@ def fold(g: nx.DiGraph) -> nx.DiGraph:
     """Constant ops, ops on constants and Shape/Size of static shapes -> constants."""
     consts: dict[str, Data] = g.graph["constants"]
     hints = g.graph["hints"]
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for n, node in nodes_in_order(g):
         op, ins = node["op"], node["inputs"]
         if op == "Constant":
             v = _constant_value(g, n)
@@ -84,5 +83,4 @@ def fold(g: nx.DiGraph) -> nx.DiGraph:
             if t:
                 _set(g, t, value(v, where(g, n)))
         g.remove_node(n)
-    relink(g)
-    return g
+    return g  # (removing an op removes its edges; no op reads from another than before: no relink)

@@ -10,7 +10,7 @@ import numpy as np
 from edge_rt_exec import ops
 
 from ..interpret import run_ops
-from ..ir import consumers, ops_in_order, producers, relink, replace_ops
+from ..ir import consumers, nodes_in_order, producers, relink, replace_ops
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sqrt", "Neg", "Cast"}
 _PROBE = np.linspace(-4.0, 4.0, 33, dtype=np.float32)
@@ -18,20 +18,25 @@ _PROBE = np.linspace(-4.0, 4.0, 33, dtype=np.float32)
 
 def fuse_gelu(g: nx.DiGraph) -> nx.DiGraph:
     """Decomposed GELU subgraphs -> one `Gelu` op each."""
+    fused = False
     for anchor_op, approx in (("Erf", "none"), ("Tanh", "tanh")):
+        prod, cons = producers(g), consumers(g)  # kept up to date by replace_ops
+        anchors = [n for n, node in nodes_in_order(g) if node["op"] == anchor_op]
         changed = True
-        while changed:
+        while changed:  # after each fusion, every anchor is tried again from the first
             changed = False
-            prod, cons = producers(g), consumers(g)
-            for e in [n for n in ops_in_order(g) if g.nodes[n]["op"] == anchor_op]:
+            for e in anchors:
                 match = _match(g, e, prod, cons, approx)
                 if match is None:
                     continue
                 region, x, out = match
-                replace_ops(g, region, region[-1], "Gelu", [x], [out], {"approximate": approx})
-                changed = True
+                replace_ops(g, region, region[-1], "Gelu", [x], [out], {"approximate": approx}, prod, cons)
+                gone = set(region)  # (the Gelu that takes the last one's name is no anchor)
+                anchors = [a for a in anchors if a not in gone]
+                changed = fused = True
                 break
-    relink(g)
+    if fused:
+        relink(g)
     return g
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from ..ir import Data, consumers, ops_in_order, relink
+from ..ir import Data, consumers, nodes_in_order, relink
 
 
 def _transposed(g: nx.DiGraph, name: str) -> str:
@@ -51,10 +51,10 @@ def fuse_linear(g: nx.DiGraph) -> nx.DiGraph:
     dtypes = g.graph["hints"]["dtypes"]
     cons = consumers(g)
     outputs = set(g.graph["outputs"])
-    for n in ops_in_order(g):
+    rewired = False  # an Add fused (its readers now read the Linear); the weights and biases are no edges
+    for n, node in nodes_in_order(g):
         if n not in g:  # an Add already fused into the MatMul before it
             continue
-        node = g.nodes[n]
         op, ins, a = node["op"], node["inputs"], node["attrs"]
         weight = x = None
         m = 0
@@ -89,7 +89,9 @@ def fuse_linear(g: nx.DiGraph) -> nx.DiGraph:
                 new_ins.append(bias)
                 out = add["outputs"][0]
                 g.remove_node(cons[node["outputs"][0]][0])
+                rewired = True
         node.update(op="Linear", inputs=new_ins, outputs=[out], attrs={"out_features": int(m)})
         dtypes[out] = "float32"
-    relink(g)
+    if rewired:
+        relink(g)
     return g

@@ -42,19 +42,24 @@ def _is_square(g: nx.DiGraph, n: str | None) -> str | None:
 
 def fuse_norms(g: nx.DiGraph) -> nx.DiGraph:
     """Decomposed LayerNorm / RMSNorm subgraphs -> one op each."""
+    prod, cons = producers(g), consumers(g)  # kept up to date by replace_ops
+    anchors = [n for n in ops_in_order(g) if _last_axis_mean(g, n)]
     changed = True
-    while changed:
+    fused = False
+    while changed:  # after each fusion, every anchor is tried again from the first
         changed = False
-        prod, cons = producers(g), consumers(g)
-        for r2 in [n for n in ops_in_order(g) if _last_axis_mean(g, n)]:
+        for r2 in anchors:
             match = _match(g, r2, prod, cons)
             if match is None:
                 continue
             region, (op, ins, out, attrs) = match
-            replace_ops(g, region, region[-1], op, ins, [out], attrs)
-            changed = True
+            replace_ops(g, region, region[-1], op, ins, [out], attrs, prod, cons)
+            gone = set(region)  # (the fused op that takes the last one's name is no anchor)
+            anchors = [a for a in anchors if a not in gone]
+            changed = fused = True
             break
-    relink(g)
+    if fused:
+        relink(g)
     return g
 
 

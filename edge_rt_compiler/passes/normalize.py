@@ -13,7 +13,7 @@ from edge_rt_exec import ops
 from edge_rt_exec.errors import UserError
 
 from ..frontends.onnx import onnx_dtype
-from ..ir import ops_in_order
+from ..ir import nodes_in_order
 
 
 def where(g: nx.DiGraph, n: str) -> str:
@@ -24,8 +24,7 @@ def where(g: nx.DiGraph, n: str) -> str:
 
 def normalize(g: nx.DiGraph) -> nx.DiGraph:
     """Attributes as the registry takes them (see the module docstring)."""
-    for n in ops_in_order(g):
-        node = g.nodes[n]
+    for n, node in nodes_in_order(g):
         a = node["attrs"]
         if node["op"] == "Cast" and isinstance(a.get("to"), int):
             a["to"] = onnx_dtype(int(a["to"]), where(g, n) + " casts to an element type that")

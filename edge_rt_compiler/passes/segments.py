@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..ir import is_row_gather, is_weight, ops_in_order, weight_name
+from ..ir import is_row_gather, is_weight, nodes_in_order, weight_name
 
 #: Units per graph (about): more means smaller minimum slots and more groups for `sequential`.
 SEGMENTS = 32
@@ -30,20 +30,20 @@ def op_weight_bytes(g: nx.DiGraph, n: str) -> int:
 
 def segments(g: nx.DiGraph) -> nx.DiGraph:
     """Units of about equal weight bytes for a graph without units of its own."""
-    order = ops_in_order(g)
-    if g.graph["units"] and all(g.nodes[n]["unit"] >= 0 for n in order):
+    order = nodes_in_order(g)
+    if g.graph["units"] and all(node["unit"] >= 0 for _, node in order):
         return g
-    sizes = [op_weight_bytes(g, n) for n in order]
-    fixed = [(b, n) for n, b in zip(order, sizes) if g.nodes[n]["op"] not in TILEABLE]
+    sizes = [op_weight_bytes(g, n) for n, _ in order]
+    fixed = [(b, n) for (n, node), b in zip(order, sizes) if node["op"] not in TILEABLE]
     largest = max(fixed, default=(0, ""))
     target = max(largest[0], -(-sum(sizes) // SEGMENTS), 1)
     g.graph["units"] = []
     seg_bytes = 0
-    for n, b in zip(order, sizes):
+    for (_, node), b in zip(order, sizes):
         if not g.graph["units"] or (b > 0 and seg_bytes > 0 and seg_bytes + b > target):
             g.graph["units"].append(f"segment.{len(g.graph['units'])}")
             seg_bytes = 0
         seg_bytes += b
-        g.nodes[n]["unit"] = len(g.graph["units"]) - 1
+        node["unit"] = len(g.graph["units"]) - 1
     g.graph["min_slot"] = (target, "a segment" if target > largest[0] else largest[1])
     return g
