@@ -12,8 +12,10 @@ The weights are written to a file and mapped read-only, as the engine maps its w
 4 KiB: `--memory anon` keeps them in numpy's memory instead, which may get transparent huge pages and stream
 faster). `--rounds N` repeats the whole comparison and prints the median ratios (the machine is shared).
 
-As in the packaged GGUF, Q4_0 / Q4_1 models keep the embedding / LM head in Q8_0 (llama.cpp's requantized
-files do the same). The weights are random (quantized from N(0, 0.02)): time does not depend on the values.
+`Q4_0-aq8_0` is Q4_0 with the layers' activations quantized to int8 (`act_quant=q8_0`, opt-in; the Q8_0 LM head
+too), against llama.cpp's Q4_0. As in the packaged GGUF, Q4_0 / Q4_1 models keep the embedding / LM head in Q8_0
+(llama.cpp's requantized files do the same). The weights are random (quantized from N(0, 0.02)): time does not
+depend on the values.
 
 Run: `python benchmarks/bench_linear.py [--formats F32 Q8_0 Q4_0 Q4_1] [--repeats 15] [--threads 2]
 [--rounds 1] [--no-llamacpp] [--memory mmap|anon]` from the project root (llama.cpp via
@@ -48,7 +50,9 @@ LAYER = [("q", HIDDEN, HIDDEN), ("k", KV, HIDDEN), ("v", KV, HIDDEN), ("o", HIDD
          ("gate", INTER, HIDDEN), ("up", INTER, HIDDEN), ("down", HIDDEN, INTER)]
 #: format name in llama.cpp -> (edge-rt format of the layers, of the LM head)
 FORMATS = {"F32": ("f32", "f32"), "F16": ("f16", "f16"), "Q8_0": ("q8_0", "q8_0"), "Q4_0": ("q4_0", "q8_0"),
-           "Q4_1": ("q4_1", "q8_0")}
+           "Q4_1": ("q4_1", "q8_0"), "Q4_0-aq8_0": ("q4_0", "q8_0")}
+#: the variants that run the layers with int8 activations (`act_quant=q8_0`); llama.cpp runs the base format
+ACT_QUANT = {"Q4_0-aq8_0": "Q4_0"}
 LLAMA_PROMPT = ("The Raspberry Pi is a small single-board computer. Explain step by step how a transformer language "
                 "model turns a prompt into new text, one token at a time, and why memory bandwidth matters when it "
                 "runs on such a device. Then compare it with a laptop, describe what changes when the weights are "
@@ -64,9 +68,9 @@ def quantized(fmt: str, m: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def bind(w: np.ndarray, fmt: str, m: int, k: int, n: int, x: np.ndarray, out: np.ndarray,
-         last_row: bool = False) -> object:
+         last_row: bool = False, act_quant: str = "none") -> object:
     d = ops.get("Linear")
-    attrs = with_defaults(d, {"out_features": m, "last_row": int(last_row)})
+    attrs = with_defaults(d, {"out_features": m, "last_row": int(last_row), "act_quant": act_quant})
     shapes = [x.shape, (m, k), None]
     scratch = [np.zeros(c, np.float32) for c in d.scratch(shapes, attrs)] if d.scratch else []
     site = Site("Linear", [x, w, None], [out], attrs, [None, fmt, None], shapes, {}, scratch)
@@ -113,10 +117,11 @@ class Model:
         for n in (1, PROMPT_TOKENS):
             xs = {k: np.random.default_rng(1).standard_normal((n, k)).astype(np.float32) for k in (HIDDEN, INTER)}
             outs = {m: np.zeros((n, m), np.float32) for m in (HIDDEN, KV, INTER)}
-            calls = [bind(w, lfmt, m, k, n, xs[k], outs[m])
+            aq = "q8_0" if name in ACT_QUANT else "none"
+            calls = [bind(w, lfmt, m, k, n, xs[k], outs[m], act_quant=aq)
                      for ws in self.layers for w, (_, m, k) in zip(ws, LAYER)]
             logits = np.zeros((1, VOCAB), np.float32)
-            calls.append(bind(self.head, hfmt, VOCAB, HIDDEN, n, xs[HIDDEN], logits, last_row=True))
+            calls.append(bind(self.head, hfmt, VOCAB, HIDDEN, n, xs[HIDDEN], logits, last_row=True, act_quant=aq))
             self.calls[n] = calls
 
     def run(self, n: int) -> float:
@@ -161,7 +166,7 @@ def main() -> None:
             res = measure(model, a.repeats)
             res["round"] = rnd
             if not a.no_llamacpp:
-                ll = llamacpp(name, a.threads)
+                ll = llamacpp(ACT_QUANT.get(name, name), a.threads)
                 if "decode_tok_s" in ll:
                     tok_ms = 1e3 / ll["decode_tok_s"]
                     res.update(llama_token_ms=round(tok_ms, 2), llama_prefill_ms=ll["prefill_ms"],

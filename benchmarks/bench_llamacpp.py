@@ -5,8 +5,10 @@
 Needs llama.cpp's Python bindings (`bash ../shared/bench/llamacpp.sh setup`, once per machine), which also make
 the F32/F16/Q8_0/Q4_0 GGUFs from the packaged Q4_1 with llama.cpp's own quantizer: every file holds the same
 model in another layout. For each format, edge-rt compiles the GGUF as it is (`quant=keep`: the file's blocks,
-never dequantized) into a resident plan, and both engines run the same prompt (`llamacpp.sh`'s, 46 tokens, or
-`--prompt-fixture long`: 76) greedily for the same number of new tokens at the same thread count. Runs are interleaved
+never dequantized) into a resident plan (the row `Q4_0-aq8_0`: the Q4_0 file compiled with `act_quant=q8_0`, the
+opt-in int8 activations, against llama.cpp's Q4_0, which also quantizes its activations), and both engines run
+the same prompt (`llamacpp.sh`'s, 46 tokens, or `--prompt-fixture long`: 76) greedily for the same number of new
+tokens at the same thread count. Runs are interleaved
 (format by format, engine by engine, repeat by repeat) so drift on a shared machine hits both alike;
 medians are reported. Both engines are measured the same way: the model loaded once, then the prompt and the
 new tokens run several times in one process (the KV cache reset each time), medians. Decode tok/s counts the
@@ -31,6 +33,8 @@ PROMPT = ("The Raspberry Pi is a small single-board computer. Explain step by st
           "model turns a prompt into new text, one token at a time, and why memory bandwidth matters when it "
           "runs on such a device.")
 FORMATS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
+#: rows that run edge-rt with the opt-in int8 activations (`act_quant=q8_0`) against llama.cpp's base format
+ACT_QUANT = {"Q4_0-aq8_0": "Q4_0"}
 
 
 def sh(cmd: list[str], **kw) -> str:  # noqa: ANN003
@@ -51,9 +55,9 @@ def gguf_paths() -> dict[str, str]:
     return paths
 
 
-def compile_plan(gguf: str, out: Path) -> str:
+def compile_plan(gguf: str, out: Path, act_quant: str = "none") -> str:
     text = sh([sys.executable, "-m", "edge_rt_compiler.app", "model=local", f"model.path={gguf}", "budget=1G",
-               "strategy=greedy_grouping", "max_context=512", f"out_dir={out}"])
+               "strategy=greedy_grouping", "max_context=512", f"act_quant={act_quant}", f"out_dir={out}"])
     return [ln.split("plan: ", 1)[1] for ln in text.splitlines() if ln.startswith("plan: ")][-1]
 
 
@@ -106,7 +110,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help=f"comma-separated, of {', '.join(FORMATS + list(ACT_QUANT))} (Q4_0-aq8_0: edge-rt with "
+                         "act_quant=q8_0, int8 activations, against llama.cpp's Q4_0)")
     ap.add_argument("--json", action="store_true", help="also print every run as JSON lines")
     ap.add_argument("--prompt", default=PROMPT, help="the prompt text (default: llamacpp.sh's, 46 tokens)")
     ap.add_argument("--prompt-fixture", default=None, metavar="NAME",
@@ -116,12 +122,14 @@ def main() -> int:
     formats = args.formats.split(",")
     paths = gguf_paths()
     with tempfile.TemporaryDirectory(prefix="edge-rt-vs-llamacpp-") as tmp:
-        plans = {f: compile_plan(paths[f], Path(tmp) / f) for f in formats}
+        plans = {f: compile_plan(paths[ACT_QUANT.get(f, f)], Path(tmp) / f, "q8_0" if f in ACT_QUANT else "none")
+                 for f in formats}
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(args.repeat):
             for f in formats:
                 runs.setdefault((f, "edge-rt"), []).append(run_edge_rt(plans[f], args.threads, args.new_tokens, prompt))
-                runs.setdefault((f, "llama.cpp"), []).append(run_llamacpp(f, args.threads, args.new_tokens, prompt))
+                runs.setdefault((f, "llama.cpp"), []).append(run_llamacpp(ACT_QUANT.get(f, f), args.threads,
+                                                                          args.new_tokens, prompt))
     if args.json:
         for (f, eng), rs in runs.items():
             for r in rs:

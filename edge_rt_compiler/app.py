@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from edge_rt_exec.errors import UserError
 from edge_rt_exec.plan import atomic_write
 
-from .config import CompileConf, ModelConf, TargetConf, check_config, register
+from . import launchers
+from .config import CompileConf, ModelConf, TargetConf, apply_profile, check_config, register
 from .partition import STRATEGIES
 from .passes.quantize import KV_DTYPES, QUANTS
 from .pipeline import CompileRequest, CompileResult, ModelRequest, compile_model
@@ -40,6 +41,7 @@ ROW_FILE = "edge_rt_row.json"
 _sweep_failed = False
 
 register()
+launchers.register()  # conf/hydra/launcher/*.yaml: the resolver they use, a Hydra warning silenced
 
 
 def request_from_cfg(cfg: DictConfig) -> CompileRequest:
@@ -55,11 +57,12 @@ def request_from_cfg(cfg: DictConfig) -> CompileRequest:
     if model.source == "local" and (model.path in (None, "???") or OmegaConf.is_missing(m, "path")):
         raise UserError("model=local needs model.path=PATH (an HF folder, a .gguf or an .onnx file)")
     target = {str(k): v for k, v in OmegaConf.to_container(t, resolve=True).items()}  # type: ignore[union-attr]
+    target = apply_profile(target)  # target.profile=FILE (edge-rt-exec calibrate) overrides the guesses
     return CompileRequest(model=model, strategy=strategy, budget=budget, target=target,
                           max_context=cfg.max_context, max_batch_tokens=cfg.max_batch_tokens,
                           out_dir=Path(cfg.out_dir),
                           onnx_dims={str(k): int(v) for k, v in (cfg.get("onnx_dims") or {}).items()} or None,
-                          quant=str(cfg.quant), kv_dtype=str(cfg.kv_dtype))
+                          quant=str(cfg.quant), kv_dtype=str(cfg.kv_dtype), act_quant=str(cfg.act_quant))
 
 
 def summary_row(res: CompileResult) -> dict[str, Any]:
@@ -74,6 +77,7 @@ def summary_row(res: CompileResult) -> dict[str, Any]:
         "arena_vs_lower_bound": round(a["size"] / a["lower_bound"], 3) if a["lower_bound"] else 1.0,
         "decode_ms": p.predicted["decode_ms_per_token"], "prefill_ms": p.predicted["prefill_ms"],
         "plan": str(res.plan_path),
+        "weights_written": not res.weights_reused,  # a sweep writes each weights file once (tests/test_launchers.py)
     }
 
 
@@ -93,6 +97,7 @@ def hydra_main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         res = compile_from_cfg(cfg)
+        page = _write_page(res.plan_path) if cfg.get("report") else None
     except UserError as e:
         print(f"edge-rt-compile: error: {e}", file=sys.stderr)
         if not multirun:
@@ -108,8 +113,18 @@ def hydra_main(cfg: DictConfig) -> None:
           f"({res.seconds:.1f} s)")
     for note in res.notes:
         print(f"  {note}")
+    if page is not None:
+        row["report"] = str(page)
+        print(f"report: {page}")
     if multirun:
         _write_row(out, row)
+
+
+def _write_page(plan_path: Path) -> Path:
+    """`report=true`: the plan's HTML page beside it (edge_rt_compiler.report; jinja2 imported only then)."""
+    from .report import write_plan_page
+
+    return write_plan_page(plan_path)
 
 
 def _choice(cfg: DictConfig) -> str:
@@ -163,7 +178,8 @@ _SWEEP_ENV = "EDGE_RT_SWEEP_PROGRESS"  # "<total> <start time>", inherited by a 
 
 class SweepSummary(Callback):
     """A multirun's progress (a line as each job starts: its number, the total, elapsed time and an estimate of
-    the rest) and, at its end, one table across the sweep, also written as summary.md / summary.json."""
+    the rest) and, at its end, one table across the sweep, also written as summary.md / summary.json / summary.html
+    (the HTML table links each plan's page when its job wrote one, `report=true`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         total = sweep_size(list(config.hydra.overrides.task))
@@ -194,6 +210,12 @@ class SweepSummary(Callback):
         print(f"\nsweep summary ({len(rows)} plans, {sweep}):\n{table}")
         atomic_write(sweep / "summary.md", table + "\n")
         atomic_write(sweep / "summary.json", json.dumps(rows, indent=1))
+        from .report import sweep_report
+
+        try:
+            print(f"report: {sweep_report(sweep, rows)}")
+        except UserError as e:  # a plan removed or rewritten since its job: the text summary stands
+            print(f"edge-rt-compile: error: summary.html not written: {e}", file=sys.stderr)
         _sweep_failed = any("error" in r for r in rows)
 
 
@@ -223,6 +245,7 @@ def _precheck(argv: list[str]) -> None:
                 if v != "null" and (not v.strip().isdigit() or int(v) <= 0):
                     raise UserError(f"{key}={v} must be a positive whole number of tokens, e.g. {key}=2048")
     assert set(groups["strategy"]) == set(STRATEGIES), "conf/strategy/*.yaml and STRATEGIES differ"
+    launchers.check_launcher(argv)  # an unknown launcher, or one whose plugin is not installed
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     if any("," in a for a in overrides) or any(a.split("=")[0].lstrip("+~").startswith("hydra") for a in overrides):
         return  # sweeps and Hydra's own settings: composed (and checked) by Hydra per job
@@ -302,7 +325,9 @@ def main() -> None:
         print(f"edge-rt-compile: interrupted by {name}; no partial file was left and existing artifacts are "
               "untouched; run the command again to finish", file=sys.stderr)
         sys.exit(code)
-    if _sweep_failed:
+    # The sweep callback is `edge_rt_compiler.app.SweepSummary`: under `python -m edge_rt_compiler.app` that module
+    # is a second copy of this one (this one is `__main__`), so its flag is read there too.
+    if _sweep_failed or getattr(sys.modules.get("edge_rt_compiler.app"), "_sweep_failed", False):
         sys.exit(2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -39,6 +40,24 @@ class TargetConf:
     read_bandwidth_gbs: float = MISSING  #: streamed-weights read rate, for the cost model
     mem_bandwidth_gbs: float = MISSING  #: DRAM bandwidth, for the cost model
     compute_gflops: float = MISSING  #: float32 matmul rate on `threads` threads, for the cost model
+    #: a profile written by `edge-rt-exec calibrate` on the device: its keys override these (see `load_profile`)
+    profile: str | None = None
+    # Calibrated figures (a profile's keys; None / empty: the cost model uses the three rates above)
+    profile_version: int | None = None
+    read_cold_gbs: float | None = None  #: pread of a file not in the page cache
+    read_cached_gbs: float | None = None  #: pread from the page cache (into a slot in the CPU cache)
+    read_cached_large_gbs: float | None = None  #: the same into a slot larger than the CPU cache
+    read_overlapped_gbs: float | None = None  #: a prefetching reader's pread + checksum while the kernels run
+    checksum_gbs: float | None = None  #: the streamer's checksum of a group read
+    page_cache_bytes: int | None = None  #: a weights file up to this size is read from the page cache
+    decode_gbs: dict = field(default_factory=dict)  #: Linear at one token, weight bytes/s, by weight format
+    decode_cached_gbs: dict = field(default_factory=dict)  #: the same, weights in the CPU cache
+    cache_bytes: int | None = None  #: the largest CPU cache
+    prefill_gflops: dict = field(default_factory=dict)  #: Linear at many tokens, FLOP/s, by weight format
+    attention_ns: float | None = None  #: causal attention, per query head and cached position
+    op_overhead_us: float | None = None  #: the fixed cost of one op
+    cores: int | None = None  #: cores the executor could use
+    reader_slowdown: float | None = None  #: compute at threads - 1 against threads (a prefetching reader's core)
 
 
 @dataclass
@@ -55,6 +74,8 @@ class CompileConf:
     #: q4_0, q4_1 (Linear weights and embedding tables quantized at compile time)
     quant: str = "keep"
     kv_dtype: str = "f32"  #: the KV cache's element type: f32 | f16
+    act_quant: str = "none"  #: Linear activations: none (float32) | q8_0 (int8 per block: q4_0, a q8_0 LM head)
+    report: bool = False  #: also write the plan's HTML page (`<plan stem>.html`, edge_rt_compiler.report) beside it
 
 
 def register() -> None:
@@ -119,3 +140,61 @@ def check_config(cfg: DictConfig) -> None:
     _number("target.prefetch_headroom", t.get("prefetch_headroom"), lo=0.0, hi=0.9, lo_open=False, example="0.2")
     for key, example in (("read_bandwidth_gbs", "1.5"), ("mem_bandwidth_gbs", "4.0"), ("compute_gflops", "12.0")):
         _number(f"target.{key}", t.get(key), lo=0.0, example=example)
+    if t.get("profile"):
+        load_profile(str(t.profile))
+
+
+# ---- target profiles (`edge-rt-exec calibrate`) ----------------------------------------------------------------
+
+#: Keys a profile may set: the target's, but for what names and chooses it.
+PROFILE_KEYS = frozenset(f.name for f in fields(TargetConf)) - {"name", "budget", "strategy", "profile"}
+_RATE_MAPS = ("decode_gbs", "decode_cached_gbs", "prefill_gflops")
+_WHOLE = ("threads", "profile_version", "page_cache_bytes", "cache_bytes", "cores")
+
+
+def load_profile(path: str) -> dict[str, Any]:
+    """The keys of a target profile YAML, checked (every key known, every rate a positive number)."""
+    where = f"target.profile={path}"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{where}: no such file; write one on the device with `edge-rt-exec calibrate --out FILE`")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(p))
+    except Exception as e:  # noqa: BLE001 -- the YAML parser's errors are several types
+        raise UserError(f"{where}: not a YAML profile ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        "write one with `edge-rt-exec calibrate`") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: a profile is a mapping of target keys; write one with `edge-rt-exec calibrate`")
+    unknown = sorted(str(k) for k in raw if str(k) not in PROFILE_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}'; a profile takes {', '.join(sorted(PROFILE_KEYS))}")
+    from edge_rt_exec.formats import FORMATS
+
+    for key, v in raw.items():
+        if key in _RATE_MAPS:
+            if not isinstance(v, dict) or not v:
+                raise UserError(f"{where}: {key} must map weight formats to rates, e.g. {key}: {{f32: 10.0}}")
+            for fmt, rate in v.items():
+                if fmt not in FORMATS:
+                    raise UserError(f"{where}: {key}.{fmt}: unknown weight format; known: {', '.join(FORMATS)}")
+                _profile_value(where, f"{key}.{fmt}", rate, whole=False, zero_ok=False)
+        else:
+            _profile_value(where, str(key), v, whole=key in _WHOLE, zero_ok=key in ("attention_ns", "op_overhead_us"))
+    return {str(k): v for k, v in raw.items()}
+
+
+def _profile_value(where: str, key: str, v: Any, whole: bool, zero_ok: bool) -> None:
+    ok = (_is_int(v) if whole else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) \
+        and (v >= 0 if zero_ok else v > 0) and (key != "threads" or v <= MAX_THREADS)
+    if not ok:
+        what = "a whole number" if whole else "a number"
+        raise UserError(f"{where}: {key}={v!r} must be {what} {'at least 0' if zero_ok else 'more than 0'}; write "
+                        "the profile again with `edge-rt-exec calibrate`")
+
+
+def apply_profile(target: dict[str, Any]) -> dict[str, Any]:
+    """The target with its profile's keys (if it names one) in place of its own; calibrated keys left unset
+    (None, empty) are dropped, so a target without a profile is what it was."""
+    path = target.get("profile")
+    merged = {**target, **load_profile(str(path))} if path else dict(target)
+    return {k: v for k, v in merged.items() if v is not None and v != {}}

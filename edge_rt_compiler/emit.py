@@ -48,7 +48,7 @@ from . import __version__
 from .chat_template import render_chat
 from .frontends.base import ModelSource
 from .memory_layout import Arena
-from .partition import Cost, PartitionResult
+from .partition import Cost, PartitionResult, resident_bytes
 from .passes.quantize import KV_DTYPES
 from .sizes import fmt_bytes
 from .weights_layout import WeightsLayout
@@ -101,10 +101,12 @@ def make_plan(src: ModelSource, g: nx.DiGraph, layout: WeightsLayout, part: Part
             schedule.append(Op(len(schedule), o.op, o.name, o.unit, gi, list(o.inputs), list(o.outputs),
                                dict(o.attrs), list(o.scratch)))
         streamed = part.weights_mode == "streamed" and grp.streamed
-        groups.append(Group(gi, grp.units, start, len(schedule), grp.byte_start if streamed else 0,
-                            grp.byte_end if streamed else 0, 0 if streamed else None, grp.flops))
+        # a resident group of a streamed plan (partial residency) keeps its byte range: what it maps in place
+        ranged = part.weights_mode == "streamed"
+        groups.append(Group(gi, grp.units, start, len(schedule), grp.byte_start if ranged else 0,
+                            grp.byte_end if ranged else 0, 0 if streamed else None, grp.flops))
     weights = {n: WeightInfo(w.offset, w.nbytes, w.format, list(w.shape), w.gather) for n, w in layout.weights.items()}
-    resident = layout.file_size if part.weights_mode == "resident" else 0
+    resident = layout.file_size if part.weights_mode == "resident" else resident_bytes(part.groups)
     model = {"name": src.name, "family": g.graph["family"], "kind": g.graph["kind"], "config": dict(g.graph["config"]),
              "origin": src.origin}
     if "opset" in g.graph:

@@ -19,6 +19,7 @@ from typing import Any
 import networkx as nx
 
 from edge_rt_exec.errors import InternalError, UserError
+from edge_rt_exec.plan_check import FAULT_AROUND, mapped_bytes
 
 from .ir import is_row_gather, is_weight, nodes_in_order, weight_name
 from .passes.segments import TILEABLE
@@ -26,7 +27,8 @@ from .sizes import fmt_bytes, parse_bytes
 from .weights_layout import WeightsLayout
 
 __all__ = ["STRATEGIES", "Context", "Cost", "PartitionResult", "PlannedGroup", "SchedOp", "fmt_bytes", "parse_bytes",
-           "partition", "predict", "sched_ops", "units_of"]
+           "partition", "predict", "resident_bytes", "sched_ops",
+           "units_of"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class SchedOp:
     flops: int  #: per token row
     byte_start: int  #: slot-loaded weight bytes of this op in the weights file (start == end: none)
     byte_end: int
+    weight_format: str = ""  #: the format of its weight (a Linear's input 1), for the cost model's kernel rates
 
 
 @dataclass
@@ -134,8 +137,9 @@ def sched_ops(g: nx.DiGraph, layout: WeightsLayout) -> list[SchedOp]:
     for n, node in nodes_in_order(g):
         inputs = tuple(node["inputs"])
         bs, be = op_bytes(layout, node["op"], inputs, node["attrs"])
+        fmt = layout.weights[weight_name(inputs[1])].format if len(inputs) > 1 and is_weight(inputs[1]) else ""
         out.append(SchedOp(n, n, node["op"], node["unit"], inputs, tuple(node["outputs"]),
-                           tuple(node["attrs"].items()), tuple(node["scratch"]), node["flops"], bs, be))
+                           tuple(node["attrs"].items()), tuple(node["scratch"]), node["flops"], bs, be, fmt))
     return out
 
 
@@ -292,6 +296,106 @@ def speculative_prefetch(units: list[Piece], layout: WeightsLayout, ctx: Context
     return PartitionResult("speculative_prefetch", "streamed", 2, _slot_size(groups), groups)
 
 
+def _mapped_span(start: int, end: int) -> tuple[int, int]:
+    return start - start % FAULT_AROUND, -(-end // FAULT_AROUND) * FAULT_AROUND
+
+
+def resident_bytes(groups: list[PlannedGroup]) -> int:
+    """What the resident groups of a streamed plan hold (`plan_check.mapped_bytes`: whole 64 KiB windows, overlaps
+    once): counted against the budget like the arena."""
+    return mapped_bytes([(g.byte_start, g.byte_end) for g in groups if not g.streamed and g.nbytes])
+
+
+def _spread(n: int) -> list[int]:
+    """0..n-1 in van der Corput (bit-reversed) order: any prefix of it is spread evenly over the range."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+
+
+def _keep_resident(pieces: list[Piece], room: int) -> set[int]:
+    """Indices of the pieces to keep resident in `room` bytes. A piece kept saves its bytes of reads every token
+    and costs its span in whole 64 KiB windows of budget: the best savings per byte go first (small pieces lose
+    most to the rounding), and among equals, in van der Corput order over the schedule, so the pieces left to stream are
+    spread evenly and each read can overlap the compute of the resident groups before it."""
+    weighted = [i for i, p in enumerate(pieces) if p.byte_start >= 0]
+    order = {i: k for k, i in enumerate(weighted[j] for j in _spread(len(weighted)))} if weighted else {}
+
+    def cost(i: int) -> int:
+        lo, hi = _mapped_span(pieces[i].byte_start, pieces[i].byte_end)
+        return hi - lo
+
+    def rank(i: int) -> tuple[bool, float, int]:
+        saved = (pieces[i].byte_end - pieces[i].byte_start) / cost(i)  # reads saved per byte of budget
+        return (saved < 0.9, 0.0 if saved >= 0.9 else -saved, order[i])  # within 10% of the best: equals
+
+    ranked = sorted(weighted, key=rank)
+    keep: set[int] = set()
+    for i in ranked:
+        if cost(i) <= room:
+            keep.add(i)
+            room -= cost(i)
+    return keep
+
+
+def _mixed_groups(pieces: list[Piece], keep: set[int], slot: int, unit_names: list[str]) -> list[PlannedGroup]:
+    """Resident pieces as groups of their own (read once at load, never into a slot), runs of the others
+    packed one unit per group into `slot`; a piece without slot-loaded weights joins the run it follows."""
+    runs: list[tuple[bool, list[Piece]]] = []
+    for i, p in enumerate(pieces):
+        resident = i in keep
+        if p.byte_start < 0 and runs:
+            runs[-1][1].append(p)
+        elif runs and not resident and not runs[-1][0]:
+            runs[-1][1].append(p)
+        else:
+            runs.append((resident, [p]))
+    groups: list[PlannedGroup] = []
+    for resident, run in runs:
+        packed = pack(run, slot, unit_names, one_unit_per_group=not resident)
+        if resident:  # one piece (and the weightless ones after it): one group, whatever its size
+            packed = [PlannedGroup([o for g in packed for o in g.ops], list(dict.fromkeys(
+                u for g in packed for u in g.units)), run[0].byte_start, run[0].byte_end, False)]
+        groups += packed
+    return groups
+
+
+def partial_residency(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
+    """Keep resident (read once at load) as many weights as the budget holds beside the slots, and stream only
+    the rest: through two slots with the reader prefetching (one block of residency less) or one; of the two, the
+    one the cost model predicts faster. The whole model resident when it fits, as `greedy_grouping`."""
+    if ctx.total_weight_bytes + ctx.fixed_bytes <= ctx.budget:
+        return replace(greedy_grouping(units, layout, ctx), strategy="partial_residency")
+    if ctx.fixed_bytes + ctx.min_slot > ctx.budget:
+        raise _minimum_error(ctx, "partial_residency", 1)
+    slot = ctx.min_slot
+    pieces = [q for p in units for q in split_piece(p, layout, slot)]
+    # a piece whose op's weights lie apart in the file (a segment's, a tile's weight and bias rows) may span more
+    # than `slot`: a slot must hold the largest piece that may stream
+    slot_need = max([slot] + [p.byte_end - p.byte_start for p in pieces if p.byte_start >= 0])
+    best: tuple[float, PartitionResult] | None = None
+    for n_slots in (1, 2):
+        # No prefetch headroom held back (unlike speculative_prefetch): the reader preads into its slot, which
+        # needs no memory of the process beyond the slot, and a fifth of the budget would be taken from residency.
+        room = ctx.budget - ctx.fixed_bytes - n_slots * slot_need
+        if room < 0:
+            continue
+        keep = _keep_resident(pieces, room)
+        groups = _mixed_groups(pieces, keep, slot, ctx.unit_names)
+        streamed = [g for g in groups if g.streamed]
+        if not streamed:  # every group kept (only tables read by row stream): no slot is needed
+            n_slots = 0
+        r = PartitionResult("partial_residency", "streamed", n_slots, _slot_size(streamed), groups, [
+            f"partial residency: {fmt_bytes(resident_bytes(groups))} of weights resident, "
+            f"{fmt_bytes(sum(g.nbytes for g in streamed))} streamed per token through {n_slots} slot(s) of "
+            f"{fmt_bytes(_slot_size(streamed))}"])
+        ms = predict(r, ctx.target, ctx.total_weight_bytes).decode_ms_per_token
+        if best is None or ms < best[0]:
+            best = (ms, r)
+    if best is None:
+        raise _minimum_error(ctx, "partial_residency", 1)
+    return best[1]
+
+
 def auto(units: list[Piece], layout: WeightsLayout, ctx: Context) -> PartitionResult:
     """Every other strategy that fits the budget; the one with the lowest predicted decode latency."""
     tried: list[tuple[float, str, PartitionResult]] = []
@@ -325,6 +429,7 @@ STRATEGIES: dict[str, Strategy] = {
     "sequential": sequential,
     "greedy_grouping": greedy_grouping,
     "speculative_prefetch": speculative_prefetch,
+    "partial_residency": partial_residency,
     "auto": auto,
 }
 
@@ -348,27 +453,105 @@ class Cost:
     compute_ms_per_token: float
 
 
+@dataclass(frozen=True)
+class Rates:
+    """A target's calibrated rates (the keys `edge-rt-exec calibrate` writes), in bytes, FLOPs and seconds."""
+
+    decode: dict[str, float]  #: Linear at one token: weight bytes per second (from DRAM), by weight format
+    decode_cached: dict[str, float]  #: the same with the weights in the CPU cache (a streamed group just read)
+    cache_bytes: int  #: a streamed group up to this size is computed from the cache
+    prefill: dict[str, float]  #: Linear at many tokens: FLOP/s, by weight format
+    attention_s: float  #: causal attention: per query head and cached position
+    op_s: float  #: the fixed cost of every op (one kernel call)
+    flops: float  #: FLOP/s of the other ops
+
+    @classmethod
+    def of(cls, target: dict[str, Any]) -> Rates | None:
+        """The target's calibrated rates, or None for a target without them (the one-rate model then)."""
+        dec = target.get("decode_gbs") or {}
+        if not dec:
+            return None
+        fl = float(target["compute_gflops"]) * 1e9
+        hot = {str(f): float(v) * 1e9 for f, v in (target.get("decode_cached_gbs") or {}).items()}
+        return cls({str(f): float(v) * 1e9 for f, v in dec.items()}, hot, int(target.get("cache_bytes") or 0),
+                   {str(f): float(v) * 1e9 for f, v in (target.get("prefill_gflops") or {}).items()},
+                   float(target.get("attention_ns") or 0.0) * 1e-9, float(target.get("op_overhead_us") or 0.0) * 1e-6,
+                   fl)
+
+    def op_seconds(self, o: SchedOp, rows: int, context: int, hot: bool = False) -> float:
+        """One op over `rows` new tokens after `context` cached ones (`hot`: its weights are in the CPU cache)."""
+        attrs = dict(o.attrs)
+        if o.op == "CausalAttention":  # every new token attends over the cache and the new tokens before it
+            positions = rows * context + rows * (rows + 1) // 2
+            return self.op_s + int(attrs.get("n_heads", 1)) * positions * self.attention_s
+        rows = 1 if attrs.get("last_row") else rows
+        if o.op == "Linear" and o.byte_end > o.byte_start:
+            fmt = o.weight_format or "f32"
+            rate = self.decode.get(fmt, min(self.decode.values()))
+            t = (o.byte_end - o.byte_start) / (self.decode_cached.get(fmt, rate) if hot else rate)
+            if rows > 1:
+                t = max(t, o.flops * rows / self.prefill.get(fmt, self.flops))
+            return self.op_s + t
+        return self.op_s + o.flops * rows / self.flops
+
+
+def read_rate(target: dict[str, Any], total_weight_bytes: int, slot_bytes: int = 0, n_slots: int = 1) -> float:
+    """Bytes per second of a streamed group's read and checksum. Calibrated: from the page cache when the weights
+    file fits in the memory that was available (`page_cache_bytes`), else from the storage (`read_cold_gbs`); from
+    the page cache into a slot larger than the CPU cache (`cache_bytes`) at `read_cached_large_gbs`, and by a
+    prefetching reader (two slots) beside the running kernels at `read_overlapped_gbs`."""
+    if target.get("read_cached_gbs") is None:
+        return float(target["read_bandwidth_gbs"]) * 1e9
+    cached = total_weight_bytes <= int(target.get("page_cache_bytes") or 0)
+    if cached and n_slots >= 2 and target.get("read_overlapped_gbs") is not None:
+        return float(target["read_overlapped_gbs"]) * 1e9  # checksum included
+    key = "read_cached_gbs" if cached or target.get("read_cold_gbs") is None else "read_cold_gbs"
+    if key == "read_cached_gbs" and slot_bytes > int(target.get("cache_bytes") or 0) and \
+            target.get("read_cached_large_gbs") is not None:
+        key = "read_cached_large_gbs"
+    rate = float(target[key]) * 1e9
+    check = float(target.get("checksum_gbs") or 0.0) * 1e9
+    return 1.0 / (1.0 / rate + (1.0 / check if check else 0.0))
+
+
 def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes: int,
             prompt_tokens: int = 64) -> Cost:
-    """Latency from bytes read (read bandwidth), bytes touched (memory bandwidth) and FLOPs (compute rate).
-    Streamed groups are read once per token in decode and once per prompt in prefill; with two slots the
-    read of group g+1 overlaps the compute of group g. Bytes are the weights' stored sizes, so a quantized
-    plan reads and touches fewer of them."""
-    rd = float(target["read_bandwidth_gbs"]) * 1e9
+    """Latency from bytes read (read bandwidth) and compute. Streamed groups are read once per token in decode
+    and once per prompt in prefill; with two slots the read of group g+1 overlaps the compute of group g. Bytes
+    are the weights' stored sizes, so a quantized plan reads and touches fewer of them. Decode is one token after
+    `prompt_tokens` cached ones.
+
+    Compute: with a calibrated target (`Rates`), every op's fixed cost plus, for a Linear, its weight bytes at
+    its format's decode rate (from the CPU cache for a streamed group that fits it, else from DRAM; prefill: its
+    FLOPs at the format's prefill rate, if slower), for attention its heads x positions; otherwise the larger of
+    the bytes a group touches (memory bandwidth) and its FLOPs (one compute rate)."""
+    rd = read_rate(target, total_weight_bytes, result.slot_bytes, result.n_slots)
     mem = float(target["mem_bandwidth_gbs"]) * 1e9
     fl = float(target["compute_gflops"]) * 1e9
+    rates = Rates.of(target)
+    # A two-slot plan's reader takes a core from the kernels when they would use every core (as the executor
+    # then runs one thread fewer: engine.default_threads): its compute is `reader_slowdown` times slower.
+    threads, cores = int(target.get("threads") or 1), int(target.get("cores") or 0)
+    slow = float(target.get("reader_slowdown") or 1.0) if result.n_slots >= 2 and cores and threads >= cores else 1.0
 
     def compute_s(g: PlannedGroup, rows: int) -> float:
+        if rates is not None:
+            hot = g.streamed and g.nbytes <= rates.cache_bytes
+            return slow * sum(rates.op_seconds(o, rows, prompt_tokens if rows == 1 else 0, hot) for o in g.ops)
         touched = g.nbytes if g.streamed else 0
         return max(touched / mem, g.flops * rows / fl)
 
+    if result.weights_mode == "resident" and rates is not None:
+        dec, pre = (sum(compute_s(g, n) for g in result.groups) for n in (1, prompt_tokens))
+        return Cost(dec * 1e3, pre * 1e3, prompt_tokens, 0, 0.0, dec * 1e3)
     if result.weights_mode == "resident":
         flops = sum(g.flops for g in result.groups)
         dec = max(total_weight_bytes / mem, flops / fl)
         pre = max(total_weight_bytes / mem, flops * prompt_tokens / fl)
         return Cost(dec * 1e3, pre * 1e3, prompt_tokens, 0, 0.0, dec * 1e3)
-    reads = [g.nbytes / rd for g in result.groups]
-    rbytes = sum(g.nbytes for g in result.groups)
+    # only streamed groups are read per token (partial residency keeps the others resident)
+    reads = [g.nbytes / rd if g.streamed else 0.0 for g in result.groups]
+    rbytes = sum(g.nbytes for g in result.groups if g.streamed)
 
     def total(rows: int) -> tuple[float, float]:
         comp = [compute_s(g, rows) for g in result.groups]

@@ -36,6 +36,7 @@ from .emit import (
 from .frontends import ModelRequest, ModelSource, folder_name, load_source
 from .memory_layout import RUNTIME_RESERVE, lay_out, persistent_bytes, plan_activations, tensor_requests
 from .partition import Context, minimum_slot, partition, predict, sched_ops
+from .passes.act_quant import act_quant, check_act_quant, plan_suffix
 from .passes.quantize import check_settings
 from .validate import validate
 from .verify import verify_plan
@@ -57,6 +58,7 @@ class CompileRequest:
     onnx_dims: dict[str, int] | None = None  #: ONNX graphs: maximum of a symbolic input dim, by name
     quant: str = "keep"  #: "keep" or a weight format (passes/quantize.py)
     kv_dtype: str = "f32"  #: "f32" | "f16"
+    act_quant: str = "none"  #: "none" | "q8_0" (passes/act_quant.py)
 
 
 @dataclass
@@ -109,6 +111,7 @@ def compile_model(req: CompileRequest) -> CompileResult:
 def _compile(req: CompileRequest) -> CompileResult:
     t0 = time.perf_counter()
     check_settings(req.quant, req.kv_dtype)
+    check_act_quant(req.act_quant)
     try:
         src = load_source(req.model, Path(req.out_dir))
     except OSError as e:  # a model that cannot be read, or the synthetic model's folder that cannot be written
@@ -119,7 +122,7 @@ def _compile(req: CompileRequest) -> CompileResult:
     report = validate(src.graph, src)
     ctx, mbt = context_limits(req, src)
     dims = passes.plan_dims(src.graph, ctx, mbt, req.onnx_dims)
-    g = passes.run(src.graph, dims, req.quant, req.kv_dtype)
+    g = act_quant(passes.run(src.graph, dims, req.quant, req.kv_dtype), req.act_quant)
     tag = passes.format_tag(g)
     layout = compute_layout(g, {"edge_rt_source": src.source_key, "edge_rt_data_sha256": SHA_PLACEHOLDER,
                                 "edge_rt_model": src.name})
@@ -149,7 +152,8 @@ def _compile(req: CompileRequest) -> CompileResult:
 
     folder = Path(req.out_dir) / folder_name(src.name)
     weights = folder / weights_file_name(tag)
-    path = folder / (req.plan_name or plan_name(req.strategy, req.budget, ctx, tag, req.kv_dtype))
+    path = folder / (req.plan_name or plan_name(req.strategy, req.budget, ctx, tag + plan_suffix(req.act_quant),
+                                                       req.kv_dtype))
     try:
         with locked(folder):  # every write into the folder happens under its lock (emit.py)
             for name in remove_stale_temps(folder):

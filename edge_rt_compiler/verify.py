@@ -16,7 +16,7 @@ import heapq
 from edge_rt_exec import formats
 from edge_rt_exec.errors import InternalError
 from edge_rt_exec.plan import Plan, WeightInfo
-from edge_rt_exec.plan_check import PlanError, check_plan
+from edge_rt_exec.plan_check import PlanError, check_plan, mapped_bytes
 
 from .ir import is_row_gather
 
@@ -123,13 +123,10 @@ def verify_plan(plan: Plan) -> None:
                 w = plan.weights[name]
                 if is_row_gather(op.op, op.attrs, i, len(w.shape)):
                     continue
-                if gr.slot is None:
-                    if plan.weights_mode == "streamed":
-                        problems.append(f"op {op.name} loads weight {name} but its group {gr.index} is not "
-                                        "streamed")
-                    continue
+                if gr.slot is None and plan.weights_mode != "streamed":
+                    continue  # the whole file is mapped
                 lo, hi = _span(w, i, op.op, op.attrs)
-                if lo < gr.byte_start or hi > gr.byte_end:
+                if lo < gr.byte_start or hi > gr.byte_end:  # a slot's bytes, or those a resident group maps
                     problems.append(f"op {op.name} weight {name} [{lo},{hi}) lies outside group {gr.index}'s "
                                     f"bytes [{gr.byte_start},{gr.byte_end})")
         if gr.slot is not None:
@@ -140,6 +137,11 @@ def verify_plan(plan: Plan) -> None:
                 problems.append(f"group {gr.index} ends past the weights file")
     if pos != len(plan.schedule):
         problems.append(f"groups cover {pos} of {len(plan.schedule)} ops")
+    if plan.weights_mode == "streamed":  # partial residency: what resident groups map is in the budget
+        mapped = mapped_bytes([(g.byte_start, g.byte_end) for g in plan.groups if g.slot is None])
+        if plan.arena.get("resident_weights", 0) < mapped:
+            problems.append(f"resident groups map {mapped} bytes but the plan counts "
+                            f"{plan.arena.get('resident_weights', 0)}")
     if problems:
         raise InternalError(f"plan for {plan.model.get('name')} fails verification: " + "; ".join(problems[:5]))
     try:  # and what the executor checks when it loads the plan

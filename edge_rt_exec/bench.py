@@ -81,6 +81,8 @@ def _run_one(p: Plan, args: Any, sentences_file: str) -> dict[str, Any]:
         cmd += ["embed", str(p.path), "--file", sentences_file, "--out", out, "--json"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if getattr(args, "fixed_threads", False) and p.model["kind"] != "encoder":
+        cmd += ["--fixed-threads"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["failed"])[-1]
@@ -136,6 +138,7 @@ def _row(p: Plan, name: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "plan": name, "model": p.model["name"], "format": _fmt_format(p), "quant": p.quant, "strategy": p.strategy,
         "budget_mb": round(p.budget / 2**20, 1), "groups": len(p.groups), "mode": p.weights_mode,
+        "slots": len(p.arena.get("slots", [])),
         "planned_peak_mb": round(p.predicted["peak_bytes"] / 2**20, 1),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "baseline_rss_mb": med("baseline_rss_mb"),
         "plan_rss_mb": max(r["plan_rss_mb"] for r in rs), "runs": len(rs),

@@ -11,7 +11,8 @@ a graph input, the program is not kept and every run binds as it goes.
 Weights are views in their own format: mapped from the file (resident) or over an arena slot the streamer
 fills (streamed); tables read only by gathers stay in the file and their rows are read on demand.
 `validate=True` runs every op's numpy twin on a copy of its inputs and records the worst difference per op
-type; `profile=True` times every op. Both wrap the bound calls; the calls themselves do not branch.
+type; `profile=True` times every op. Both wrap the bound calls; the calls themselves do not branch. A
+`trace.Tracer` attached to the engine (`run --trace`) gets a span per group per pass (and per op when profiling).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class Engine:
         self.threads = set_threads(threads if threads is not None else default_threads(p))
         self.validate = validate
         self.profile = profile
+        self.tracer: Any = None  #: a `trace.Tracer` (`--trace`), attached before the first run
         self.worst: dict[str, float] = {}
         self.timings = Timings()
         self.where = str(p.path or p.model.get("name"))
@@ -237,6 +239,8 @@ class Engine:
         views: dict[tuple[int, int], dict[int, dict[int, np.ndarray]]] = {}
         for g in p.groups:
             targets = [(-1, None)] if g.slot is None else list(enumerate(self.slots))
+            if g.slot is None and p.weights_mode == "streamed" and g.byte_end > g.byte_start:
+                targets = [(-1, self._read_resident(g))]
             for s, base in targets:
                 per_op: dict[int, dict[int, np.ndarray]] = {}
                 for b in self.ops[g.op_start:g.op_end]:
@@ -249,6 +253,14 @@ class Engine:
                     }
                 views[(g.index, s)] = per_op
         return views
+
+    def _read_resident(self, g: Any) -> np.ndarray:
+        """A resident group of a streamed plan (partial residency): its bytes read once, here, into memory of its
+        own, never re-read. Not mapped: a fault on a mapping brings whole page-cache folios (up to 2 MB on Linux
+        6.x) around each group's edges into the process, past what the plan counts."""
+        buf = np.empty(g.byte_end - g.byte_start, np.uint8)
+        self.st.file.read_into(g.byte_start, buf, f"group {g.index}")
+        return buf
 
     # ---- running -------------------------------------------------------------------------------------------------
     def use_threads(self, n: int | None = None) -> None:
@@ -292,8 +304,10 @@ class Engine:
     def _execute(self, prog: _Program, delta: _Delta | None) -> None:
         p = self.plan
         i = -1
+        tracer = self.tracer  # `--trace`: two tests of a local per group, none per op
         try:
             for g in p.groups:
+                tw = time.perf_counter() if tracer is not None else 0.0  # before waiting for the slot
                 s = self.streamer.acquire(g) if (self.streamer is not None and g.slot is not None) else -1
                 calls = prog.calls.get((g.index, s))
                 t0 = time.perf_counter()
@@ -314,7 +328,10 @@ class Engine:
                 else:
                     for i, c in enumerate(calls, g.op_start):  # noqa: B007 (i names the op if one raises)
                         c()
-                self.timings.compute_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.timings.compute_s += t1 - t0
+                if tracer is not None:
+                    tracer.groups.append((g.index, s, tw, t0, t1))
                 if self.streamer is not None and g.slot is not None:
                     self.streamer.release(g)
         except (IndexError, ValueError, ShapeError) as e:
@@ -402,7 +419,7 @@ class Engine:
         if self.validate:
             call = self._validated(call, b, site)
         if self.profile:
-            call = self._timed(call, op.op)
+            call = self._timed(call, op.op, op.name)
         out_shapes = [sh for sh, _ in specs]
         shapes.update((o, sh) for o, sh in zip(op.outputs, out_shapes) if o)
         b.memo[key] = (out_shapes, call)
@@ -537,8 +554,18 @@ class Engine:
                 self.worst[op.op] = max(self.worst.get(op.op, 0.0), err)
         return validated
 
-    def _timed(self, call: Callable[[], Any], kind: str) -> Callable[[], Any]:
+    def _timed(self, call: Callable[[], Any], kind: str, name: str) -> Callable[[], Any]:
         per_op = self.timings.per_op
+        if self.tracer is not None:  # chosen at bind: the untraced timer stays as it was
+            events = self.tracer.ops
+
+            def traced() -> None:
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                per_op[kind] = per_op.get(kind, 0.0) + t1 - t0
+                events.append((name, kind, t0, t1))
+            return traced
 
         def timed() -> None:
             t0 = time.perf_counter()

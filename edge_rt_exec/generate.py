@@ -28,7 +28,6 @@ def load_tokenizer(plan: Plan):
     path = plan.file("tokenizer")
     data = read_regular(path, 256 << 20, "tokenizer")
     try:
-        data.decode("utf-8")
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises its own Exception type for a bad file
         raise UserError(f"{path}: cannot load the tokenizer ({e}); copy the whole artifact folder again") from None
@@ -207,6 +206,9 @@ class Session:
         tok = sample(logits, params, rng, history)
         t1 = time.perf_counter()
         first_wall = time.time()
+        tracer = eng.tracer  # `--trace`: the prefill and each decoded token as spans
+        if tracer is not None:
+            tracer.span("prefill", t0, t1, tokens=n_prompt - cached, cached=cached)
         out: list[int] = []
         reason = "max_tokens"
         adapter = self.adapter
@@ -237,8 +239,11 @@ class Session:
                 adapter.tick()
             if self.governor is not None:
                 self.governor.step()
+            ts = time.perf_counter()
             logits = dec.step(np.array([tok], dtype=np.int64))
             tok = sample(logits, params, rng, history)
+            if tracer is not None:
+                tracer.span(f"token {len(out) + 1}", ts, time.perf_counter(), context=dec.pos)
         t2 = time.perf_counter()
         text = ""
         if stream is not None:

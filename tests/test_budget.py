@@ -30,6 +30,8 @@ MAX_CONTEXT, BATCH = 512, 128
 #: (strategy, budget): 48M is a few MB above the smallest plans (33.2M; speculative_prefetch 44.1M), 64M streams in
 #: large groups, 160M is resident for greedy_grouping
 SWEEP = [(s, b) for b in ("48M", "64M", "160M") for s in ("sequential", "greedy_grouping", "speculative_prefetch")]
+#: partial residency below the model's size: mapped resident groups count in RSS, beside the slot(s)
+SWEEP += [("partial_residency", "48M"), ("partial_residency", "64M")]
 TEXT = ("Memory on a small board is shared by everything that runs on it, so a model has to know its budget before "
         "it starts. The compiler plans every byte ahead of time: the weights that stay, the groups that are read "
         "from the file while others compute, the key and value cache for each position of the context, and the "

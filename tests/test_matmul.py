@@ -311,7 +311,7 @@ def test_matmul_shape_errors_and_bad_kernel_calls() -> None:
 def test_registry_entries() -> None:
     lin = ops.get("Linear")
     assert lin.domain == "edge-rt" and lin.required == ("out_features",) and lin.row_tiled == (1, 2)
-    assert set(lin.kernels) == set(MM.VEC.values()) | set(MM.MAT.values())
+    assert set(lin.kernels) == set(MM.VEC.values()) | set(MM.MAT.values()) | set(MM.A8.KERNELS)  # + act_quant=q8_0
     assert {"MatMul", "Gemm"} <= set(ops.REGISTRY)
     assert ops.get("MatMul").kernels == ops.get("Gemm").kernels  # one kernel for the math of both
     assert lin.flops([(76, 576), (1536, 576)], [(76, 1536)], {}) == 2 * 76 * 1536 * 576

@@ -6,7 +6,7 @@
 #   1. setup    ci/aarch64/setup.sh (cached: seconds when nothing changed)
 #   2. smoke    ci/aarch64/run.sh python ci/aarch64/smoke.py (numpy, numba parallel + cache, tokenizers)
 #   3. compile  on x86-64: small synthetic GPT-2 plans (float32 streamed; q4_1 with a float16 KV cache, q4_0,
-#               q8_0, f16 resident) and a MiniLM plan (edge_rt_compiler)
+#               q8_0, f16, q4_0 with int8 activations resident) and a MiniLM plan (edge_rt_compiler)
 #   4. compare  compare.py run (synthetic: same 16 greedy tokens) and compare.py embed (MiniLM: max abs
 #               diff <= 1e-5), host against aarch64 emulation
 #
@@ -97,11 +97,13 @@ fi
 if [[ $SKIP != *" quantized "* ]]; then
     # every weight format's kernels (decode matvec, prefill tiles, quantized embedding rows) and the float16 KV
     # cache: the same greedy tokens on aarch64 as on x86-64
-    for q in q4_1 q4_0 q8_0 f16; do
+    # (q4_0-aq8: q4_0 weights with the opt-in int8 activations, act_quant=q8_0: its plain-IR kernels on aarch64)
+    for q in q4_1 q4_0 q8_0 f16 q4_0-aq8; do
         extra=()
         [[ $q == q4_1 ]] && extra=(kv_dtype=f16)
+        [[ $q == q4_0-aq8 ]] && extra=(act_quant=q8_0)
         if timed "compile-synthetic-$q" compile_plan "synthetic-$q" model=synthetic_gpt2 budget=64M \
-                strategy=greedy_grouping "quant=$q" "${extra[@]}" && plan=$(plan_of "synthetic-$q"); then
+                strategy=greedy_grouping "quant=${q%-aq8}" "${extra[@]}" && plan=$(plan_of "synthetic-$q"); then
             timed "run-synthetic-$q" "$HOST_PY" "$AARCH64_DIR/compare.py" run "$plan" --prompt "Once upon a time" \
                 --max-tokens 16 --report "$WORK/compare-run-synthetic-$q.json" || FAILED+=("run-synthetic-$q")
         else

@@ -92,7 +92,6 @@ def make_synthetic(folder: Path, spec: SyntheticSpec) -> Path:
             raise UserError(f"synthetic model: {name}={v} must be positive")
     if spec.hidden % spec.heads:
         raise UserError(f"synthetic model: heads={spec.heads} must divide hidden={spec.hidden}")
-    cfg_path = folder / "config.json"
     config = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": spec.vocab,
         "n_embd": spec.hidden, "n_layer": spec.n_layers, "n_head": spec.heads, "n_positions": spec.n_ctx,
@@ -100,12 +99,32 @@ def make_synthetic(folder: Path, spec: SyntheticSpec) -> Path:
         "bos_token_id": spec.vocab - 1, "eos_token_id": spec.vocab - 1, "tie_word_embeddings": True,
         "edge_rt_synthetic_seed": spec.seed,
     }
+    if _written(folder, config):
+        return folder
+    from ..emit import locked
+
+    # Under the folder's lock: of a parallel sweep's jobs one writes the model, the others wait and reuse it (a
+    # second write would change the file's mtime, which the weights' source key holds, and so rewrite the weights).
+    with locked(folder):
+        if not _written(folder, config):
+            _write(folder, spec, config)
+    return folder
+
+
+def _written(folder: Path, config: dict) -> bool:
+    """The folder holds the complete model of this config."""
+    cfg_path = folder / "config.json"
     if cfg_path.exists() and (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
         try:
-            if json.loads(cfg_path.read_text()) == config:
-                return folder
+            return json.loads(cfg_path.read_text()) == config
         except (OSError, json.JSONDecodeError):
             pass
+    return False
+
+
+def _write(folder: Path, spec: SyntheticSpec, config: dict) -> None:
+    """Write the seeded model into `folder` (the caller holds its lock)."""
+    cfg_path = folder / "config.json"
     rng = np.random.default_rng(spec.seed)
     d, f = spec.hidden, 4 * spec.hidden
 
@@ -136,4 +155,3 @@ def make_synthetic(folder: Path, spec: SyntheticSpec) -> Path:
     atomic_write(folder / "generation_config.json",
                  json.dumps({"bos_token_id": spec.vocab - 1, "eos_token_id": spec.vocab - 1}))
     atomic_write(cfg_path, json.dumps(config, indent=1))  # last: its presence marks a complete folder
-    return folder

@@ -25,6 +25,7 @@ kernel bodies read as ordinary numba code. Kernels never call other kernels, onl
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,51 @@ _HELPERS: dict[int, Any] = {}  #: id(python function) -> its numba version
 #: Called (once per kernel) just before a kernel that numba's cache does not hold is compiled: the executor's
 #: first-run notice ("compiling kernels once, ~N s").
 on_compile: Callable[[Kernel], None] | None = None
+
+# ---- numba itself ------------------------------------------------------------------------------------------
+
+#: Set by the executor's CLIs (processes edge-rt owns, never a library user's): when numba first loads its
+#: registries, the optional integrations no kernel uses are not imported. numba imports scipy.linalg to see
+#: whether `np.dot` may call BLAS, and cffi (which parses C headers with pycparser) to type cffi functions; in a
+#: development environment both are installed and cost more start-up than numba's own import, while on a device
+#: with only the executor's dependencies neither exists and numba takes the same path as here.
+LEAN_IMPORTS = False
+_NOT_FOR_KERNELS = ("scipy", "cffi")
+_numba: Any = None
+
+
+class _Refuse:
+    """A meta-path finder that makes `_NOT_FOR_KERNELS` look uninstalled while numba loads its registries."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] in _NOT_FOR_KERNELS:
+            raise ImportError(f"{name} is not imported by the edge-rt executor (no kernel uses it)")
+        return None
+
+
+def numba_module() -> Any:
+    """`numba`, with its typing and target registries loaded (once), lean when `LEAN_IMPORTS` is set."""
+    global _numba
+    if _numba is not None:
+        return _numba
+    with _LOCK:
+        if _numba is None:
+            lean = LEAN_IMPORTS and not any(m in sys.modules for m in _NOT_FOR_KERNELS)
+            if lean:
+                sys.meta_path.insert(0, _Refuse)  # type: ignore[arg-type]
+            try:
+                import numba
+                from numba.core.registry import cpu_target
+
+                cpu_target.typing_context.refresh()
+                cpu_target.target_context.refresh()
+            finally:
+                if lean:
+                    sys.meta_path.remove(_Refuse)  # type: ignore[arg-type]
+            _numba = numba
+    return _numba
+
 
 # ---- type tokens (resolved to numba types when a kernel is built) --------------------------------------------
 
@@ -108,8 +154,7 @@ def _helper_dispatcher(fn: Callable, error_model: str) -> Any:
     with _LOCK:
         d = _HELPERS.get(id(fn))
         if d is None:
-            import numba
-
+            numba = numba_module()
             _materialize(fn.__globals__, error_model)
             fm = getattr(fn, "__edge_rt_routine__", None)
             if fm is None:
@@ -126,7 +171,7 @@ def _materialize(globs: dict[str, Any], error_model: str) -> None:
         if globs.get("__edge_rt_materialized__"):
             return
         globs["__edge_rt_materialized__"] = True
-        import numba
+        numba = numba_module()
 
         if globs.get("prange") is range:
             globs["prange"] = numba.prange
@@ -179,8 +224,7 @@ class Kernel:
             return d
         with _LOCK:
             if self._disp is None:
-                import numba
-
+                numba = numba_module()
                 _materialize(self.fn.__globals__, self.error_model)
                 if self.signature is not None:
                     self._announce()

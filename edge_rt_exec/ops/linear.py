@@ -16,6 +16,10 @@ weight in place in its stored layout (ggml blocks for the quantized formats, zer
 Activations stay float32 (a q4_1 plan computes what the dequantized model computes, up to summation order).
 The sums use fused multiply-adds in a fixed order per target (see `_quant.py`).
 
+Opt-in `act_quant="q8_0"` (set by the compiler's `act_quant=q8_0` on q4_0 weights, and on a q8_0 LM head): x is
+quantized to int8 per 32-block first, as llama.cpp does, and the blocks are multiplied as integer dot products
+(`_act_q8.py`); the twin quantizes x the same way (`_act_q8.quantize_q8`) and multiplies the dequantized x.
+
 A row tile (`rows=[r0, r1]`: the weight input holds rows r0..r1 of the full `[out_features, k]` weight, the
 bias its r0..r1 slice) writes columns r0..r1 of the `[..., out_features]` output and leaves the others alone.
 Contract of the twin for a tile: it returns only those columns, `[..., r1 - r0]` (what the engine's validate
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .. import formats as F
+from . import _act_q8 as A8
 from . import _quant as Q
 from ._jit import DOT_FLAGS, F32, I64, U8, U16, arr, helper, kernel, prange
 from ._quant import deq_f16, deq_q4_0, deq_q4_1, deq_q8_0, dot_f16, dot_q4_0, dot_q4_1, dot_q8_0, tile_f32
@@ -56,6 +61,7 @@ SLOTS = 4  #: panel buffers in the scratch: the prefill kernels' workers (more t
 TT, TR = Q.TILE_T, Q.TILE_R
 
 FORMATS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+ACT_QUANTS = ("none", "q8_0")  #: values of the `act_quant` attribute: float32 activations, or int8 per 32-block
 #: (weights per block, view elements per block) of each format, for the shape checks in the kernels
 _GEO = {f: (F.get(f).block, F.get(f).block_bytes // np.dtype(F.get(f).view_dtype).itemsize) for f in FORMATS}
 _G32, _G16, _G80, _G40, _G41 = (_GEO[f] for f in FORMATS)
@@ -276,6 +282,8 @@ def _linear_twin(ins: list, a: dict, n: int) -> list:
     x, w = ins[0], ins[1]
     if a.get("last_row"):
         x = x.reshape(-1, x.shape[-1])[-1:]  # [..., k] -> [1, k]
+    if a.get("act_quant") == "q8_0":
+        x = A8.dequantize_q8(*A8.quantize_q8(x))  # [..., k]: the int8 activations the kernels multiply
     return [linear(x, w, ins[2] if len(ins) > 2 else None)]  # a tile: its r1 - r0 columns
 
 
@@ -289,6 +297,8 @@ def _linear_shape(s: list, d: list, v: dict, a: dict, n: int) -> list:
     m, k = int(w[0]), int(w[1])
     if int(x[-1]) != k:
         raise ShapeError(f"Linear: x {list(x)} does not end in the weight's {k} input features")
+    if a.get("act_quant", "none") not in ACT_QUANTS:
+        raise ShapeError(f"Linear: act_quant {a.get('act_quant')!r} is not one of {', '.join(ACT_QUANTS)}")
     tile = _tile(a)
     if tile is not None:
         r0, r1 = tile
@@ -311,9 +321,12 @@ def _fmt(fmt: str | None) -> str:
 
 
 def _linear_scratch(shapes: list, a: dict) -> list[int]:
-    if a.get("last_row"):
-        return []
-    return [SLOTS * PANEL * int(shapes[1][1])]  # per-thread panels (f32 weights do not use them)
+    k = int(shapes[1][1])
+    n = 1 if a.get("last_row") else numel(shapes[0]) // k
+    panels = [] if a.get("last_row") else [SLOTS * PANEL * k]  # per-thread panels (f32 weights do not use them)
+    if a.get("act_quant") == "q8_0":
+        return panels + [A8.act_floats(n, k)]  # the quantized activations
+    return panels
 
 
 def _bind_linear(s: Site) -> Callable[[], Any]:
@@ -335,6 +348,9 @@ def _bind_linear(s: Site) -> Callable[[], Any]:
         raise ShapeError(f"Linear: {x2.shape[0]} input rows but {out2.shape[0]} output rows")
     if not (x2.flags.c_contiguous and out2.flags.c_contiguous and np.shares_memory(out2, s.outs[0])):
         raise ShapeError("Linear: x and out must be contiguous views (a copy would be computed on, or written to)")
+    if s.attrs.get("act_quant") == "q8_0":
+        return A8.bind(x2, w, bias, out2, col0, s.scratch[-1] if s.scratch else _EMPTY, s.scratch[0]
+                       if len(s.scratch) > 1 else _EMPTY, fmt)
     if x2.shape[0] == 1:
         return partial(VEC[fmt].load(), x2[0], w, bias, out2[0], col0)
     buf = s.scratch[0] if s.scratch else _EMPTY
@@ -348,6 +364,9 @@ def _bind_linear(s: Site) -> Callable[[], Any]:
 
 def _warm_linear(spec: WarmSpec) -> None:
     fmt = _fmt(spec.formats[1] if len(spec.formats) > 1 else None)
+    if spec.attrs.get("act_quant") == "q8_0":
+        A8.warm(fmt, bool(spec.attrs.get("last_row")))
+        return
     VEC[fmt].load()
     if not spec.attrs.get("last_row"):
         MAT[fmt].load()
@@ -376,13 +395,35 @@ def _linear_sample(rng: np.random.Generator) -> list[Sample]:
             wq = f.view(f.quantize(w[r0:r1]).reshape(-1).view(np.uint8), (r1 - r0, k))
             bias = rng.standard_normal(r1 - r0).astype(_F32) if j % 2 == 0 else None
             cases.append(Sample([x, wq, bias], attrs, [None, fmt, None], tol=tol[fmt]))
+    f = F.get("q4_0")  # act_quant q8_0 (q4_0 weights only): decode, prefill tiles and their edges, last_row
+    for j, n in enumerate((1, 2, 3, 5, 8, 9, 17, 76)):
+        k, M = (64, 96, 160)[j % 3], (20, 37, 48, 16)[j % 4]
+        tiled = j % 3 == 2
+        r0, r1 = (5, M - 3) if tiled else (0, M)
+        w = (rng.standard_normal((M, k)) * 0.5).astype(_F32)
+        x = rng.standard_normal((n, k)).astype(_F32)
+        attrs = {"out_features": M, "act_quant": "q8_0"}
+        if tiled:
+            attrs["rows"] = [r0, r1]
+        if n == 5:
+            attrs["last_row"] = 1
+        wq = f.view(f.quantize(w[r0:r1]).reshape(-1).view(np.uint8), (r1 - r0, k))
+        bias = rng.standard_normal(r1 - r0).astype(_F32) if j % 2 == 0 else None
+        cases.append(Sample([x, wq, bias], attrs, [None, "q4_0", None], tol=2e-5))
+    g = F.get("q8_0")  # a q8_0 LM head with act_quant: the last row only
+    for n, k in ((1, 96), (5, 160)):
+        w = (rng.standard_normal((37, k)) * 0.5).astype(_F32)
+        wq = g.view(g.quantize(w).reshape(-1).view(np.uint8), (37, k))
+        x = rng.standard_normal((n, k)).astype(_F32)
+        attrs = {"out_features": 37, "act_quant": "q8_0", "last_row": 1}
+        cases.append(Sample([x, wq, None], attrs, [None, "q8_0", None], tol=2e-5))
     return cases
 
 
 register(OpDef(
     name="Linear", shape=_linear_shape, twin=_linear_twin, bind=_bind_linear, warm=_warm_linear,
-    kernels=tuple(VEC.values()) + tuple(MAT.values()), sample=_linear_sample,
-    attrs={"out_features": 0, "rows": None, "last_row": 0}, required=("out_features",),
+    kernels=tuple(VEC.values()) + tuple(MAT.values()) + A8.KERNELS, sample=_linear_sample,
+    attrs={"out_features": 0, "rows": None, "last_row": 0, "act_quant": "none"}, required=("out_features",),
     scratch=_linear_scratch, row_tiled=(1, 2), domain="edge-rt",
     flops=lambda i, o, a: 2 * numel(o[0]) // int(o[0][-1]) * int(i[1][0]) * int(i[1][1]),
     doc="x @ weight.T + bias with the weight in any weight format (decode matvec / tiled prefill); `rows` "
