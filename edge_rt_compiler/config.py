@@ -52,6 +52,9 @@ class TargetConf:
     page_cache_bytes: int | None = None  #: a weights file up to this size is read from the page cache
     decode_gbs: dict = field(default_factory=dict)  #: Linear at one token, weight bytes/s, by weight format
     decode_cached_gbs: dict = field(default_factory=dict)  #: the same, weights in the CPU cache
+    decode_streamed_gbs: dict = field(default_factory=dict)  #: a streamed group's Linears just after its read
+    stream_read_gbs: float | None = None  #: a group's pread + checksum after a streamed group's compute
+    stream_read_swept_gbs: float | None = None  #: the same after resident groups' compute swept the caches
     cache_bytes: int | None = None  #: the largest CPU cache
     prefill_gflops: dict = field(default_factory=dict)  #: Linear at many tokens, FLOP/s, by weight format
     attention_ns: float | None = None  #: causal attention, per query head and cached position
@@ -148,7 +151,7 @@ def check_config(cfg: DictConfig) -> None:
 
 #: Keys a profile may set: the target's, but for what names and chooses it.
 PROFILE_KEYS = frozenset(f.name for f in fields(TargetConf)) - {"name", "budget", "strategy", "profile"}
-_RATE_MAPS = ("decode_gbs", "decode_cached_gbs", "prefill_gflops")
+_RATE_MAPS = ("decode_gbs", "decode_cached_gbs", "decode_streamed_gbs", "prefill_gflops")
 _WHOLE = ("threads", "profile_version", "page_cache_bytes", "cache_bytes", "cores")
 
 

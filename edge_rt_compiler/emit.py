@@ -46,9 +46,10 @@ from edge_rt_exec.plan import (
 
 from . import __version__
 from .chat_template import render_chat
+from .cost import Cost
 from .frontends.base import ModelSource
 from .memory_layout import Arena
-from .partition import Cost, PartitionResult, resident_bytes
+from .partition import PartitionResult, resident_bytes
 from .passes.quantize import KV_DTYPES
 from .sizes import fmt_bytes
 from .weights_layout import WeightsLayout

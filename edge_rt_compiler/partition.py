@@ -7,13 +7,13 @@ an op larger than a slot (the LM head of a large vocab) is tiled along its outpu
 weight's stored size in its format (the layout's).
 
 Strategies are registered in `STRATEGIES` under the names of `conf/strategy/*.yaml`; `auto` runs the others
-and keeps the one with the lowest latency the cost model (`predict`) gives for the target.
+and keeps the one with the lowest latency the cost model (`cost.predict`) gives for the target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
@@ -21,32 +21,16 @@ import networkx as nx
 from edge_rt_exec.errors import InternalError, UserError
 from edge_rt_exec.plan_check import FAULT_AROUND, mapped_bytes
 
+from .cost import predict
+from .groups import PartitionResult, PlannedGroup, SchedOp
 from .ir import is_row_gather, is_weight, nodes_in_order, weight_name
 from .passes.segments import TILEABLE
 from .sizes import fmt_bytes, parse_bytes
 from .weights_layout import WeightsLayout
 
-__all__ = ["STRATEGIES", "Context", "Cost", "PartitionResult", "PlannedGroup", "SchedOp", "fmt_bytes", "parse_bytes",
-           "partition", "predict", "resident_bytes", "sched_ops",
+__all__ = ["STRATEGIES", "Context", "PartitionResult", "PlannedGroup", "SchedOp", "fmt_bytes", "parse_bytes",
+           "partition", "resident_bytes", "sched_ops",
            "units_of"]
-
-
-@dataclass(frozen=True)
-class SchedOp:
-    """An IR op as scheduled: possibly a row tile `rows=[r0, r1]` of a Linear."""
-
-    node: str
-    name: str
-    op: str
-    unit: int
-    inputs: tuple[str, ...]  #: positional, weights as "@name" (as in the plan)
-    outputs: tuple[str, ...]
-    attrs: tuple[tuple[str, Any], ...]
-    scratch: tuple[str, ...]
-    flops: int  #: per token row
-    byte_start: int  #: slot-loaded weight bytes of this op in the weights file (start == end: none)
-    byte_end: int
-    weight_format: str = ""  #: the format of its weight (a Linear's input 1), for the cost model's kernel rates
 
 
 @dataclass
@@ -63,33 +47,6 @@ class Piece:
     def byte_end(self) -> int:
         spans = [o for o in self.ops if o.byte_end > o.byte_start]
         return max(o.byte_end for o in spans) if spans else -1
-
-
-@dataclass
-class PlannedGroup:
-    ops: list[SchedOp]
-    units: list[str]
-    byte_start: int
-    byte_end: int
-    streamed: bool
-
-    @property
-    def nbytes(self) -> int:
-        return max(0, self.byte_end - self.byte_start)
-
-    @property
-    def flops(self) -> int:
-        return sum(o.flops for o in self.ops)
-
-
-@dataclass
-class PartitionResult:
-    strategy: str
-    weights_mode: str  #: "resident" | "streamed"
-    n_slots: int
-    slot_bytes: int
-    groups: list[PlannedGroup]
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -439,128 +396,3 @@ def partition(ops: list[SchedOp], layout: WeightsLayout, ctx: Context, strategy:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[strategy](units_of(ops), layout, ctx)
-
-
-# ---- cost model -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Cost:
-    decode_ms_per_token: float
-    prefill_ms: float  #: for `prompt_tokens`
-    prompt_tokens: int
-    read_bytes_per_token: int
-    read_ms_per_token: float
-    compute_ms_per_token: float
-
-
-@dataclass(frozen=True)
-class Rates:
-    """A target's calibrated rates (the keys `edge-rt-exec calibrate` writes), in bytes, FLOPs and seconds."""
-
-    decode: dict[str, float]  #: Linear at one token: weight bytes per second (from DRAM), by weight format
-    decode_cached: dict[str, float]  #: the same with the weights in the CPU cache (a streamed group just read)
-    cache_bytes: int  #: a streamed group up to this size is computed from the cache
-    prefill: dict[str, float]  #: Linear at many tokens: FLOP/s, by weight format
-    attention_s: float  #: causal attention: per query head and cached position
-    op_s: float  #: the fixed cost of every op (one kernel call)
-    flops: float  #: FLOP/s of the other ops
-
-    @classmethod
-    def of(cls, target: dict[str, Any]) -> Rates | None:
-        """The target's calibrated rates, or None for a target without them (the one-rate model then)."""
-        dec = target.get("decode_gbs") or {}
-        if not dec:
-            return None
-        fl = float(target["compute_gflops"]) * 1e9
-        hot = {str(f): float(v) * 1e9 for f, v in (target.get("decode_cached_gbs") or {}).items()}
-        return cls({str(f): float(v) * 1e9 for f, v in dec.items()}, hot, int(target.get("cache_bytes") or 0),
-                   {str(f): float(v) * 1e9 for f, v in (target.get("prefill_gflops") or {}).items()},
-                   float(target.get("attention_ns") or 0.0) * 1e-9, float(target.get("op_overhead_us") or 0.0) * 1e-6,
-                   fl)
-
-    def op_seconds(self, o: SchedOp, rows: int, context: int, hot: bool = False) -> float:
-        """One op over `rows` new tokens after `context` cached ones (`hot`: its weights are in the CPU cache)."""
-        attrs = dict(o.attrs)
-        if o.op == "CausalAttention":  # every new token attends over the cache and the new tokens before it
-            positions = rows * context + rows * (rows + 1) // 2
-            return self.op_s + int(attrs.get("n_heads", 1)) * positions * self.attention_s
-        rows = 1 if attrs.get("last_row") else rows
-        if o.op == "Linear" and o.byte_end > o.byte_start:
-            fmt = o.weight_format or "f32"
-            rate = self.decode.get(fmt, min(self.decode.values()))
-            t = (o.byte_end - o.byte_start) / (self.decode_cached.get(fmt, rate) if hot else rate)
-            if rows > 1:
-                t = max(t, o.flops * rows / self.prefill.get(fmt, self.flops))
-            return self.op_s + t
-        return self.op_s + o.flops * rows / self.flops
-
-
-def read_rate(target: dict[str, Any], total_weight_bytes: int, slot_bytes: int = 0, n_slots: int = 1) -> float:
-    """Bytes per second of a streamed group's read and checksum. Calibrated: from the page cache when the weights
-    file fits in the memory that was available (`page_cache_bytes`), else from the storage (`read_cold_gbs`); from
-    the page cache into a slot larger than the CPU cache (`cache_bytes`) at `read_cached_large_gbs`, and by a
-    prefetching reader (two slots) beside the running kernels at `read_overlapped_gbs`."""
-    if target.get("read_cached_gbs") is None:
-        return float(target["read_bandwidth_gbs"]) * 1e9
-    cached = total_weight_bytes <= int(target.get("page_cache_bytes") or 0)
-    if cached and n_slots >= 2 and target.get("read_overlapped_gbs") is not None:
-        return float(target["read_overlapped_gbs"]) * 1e9  # checksum included
-    key = "read_cached_gbs" if cached or target.get("read_cold_gbs") is None else "read_cold_gbs"
-    if key == "read_cached_gbs" and slot_bytes > int(target.get("cache_bytes") or 0) and \
-            target.get("read_cached_large_gbs") is not None:
-        key = "read_cached_large_gbs"
-    rate = float(target[key]) * 1e9
-    check = float(target.get("checksum_gbs") or 0.0) * 1e9
-    return 1.0 / (1.0 / rate + (1.0 / check if check else 0.0))
-
-
-def predict(result: PartitionResult, target: dict[str, Any], total_weight_bytes: int,
-            prompt_tokens: int = 64) -> Cost:
-    """Latency from bytes read (read bandwidth) and compute. Streamed groups are read once per token in decode
-    and once per prompt in prefill; with two slots the read of group g+1 overlaps the compute of group g. Bytes
-    are the weights' stored sizes, so a quantized plan reads and touches fewer of them. Decode is one token after
-    `prompt_tokens` cached ones.
-
-    Compute: with a calibrated target (`Rates`), every op's fixed cost plus, for a Linear, its weight bytes at
-    its format's decode rate (from the CPU cache for a streamed group that fits it, else from DRAM; prefill: its
-    FLOPs at the format's prefill rate, if slower), for attention its heads x positions; otherwise the larger of
-    the bytes a group touches (memory bandwidth) and its FLOPs (one compute rate)."""
-    rd = read_rate(target, total_weight_bytes, result.slot_bytes, result.n_slots)
-    mem = float(target["mem_bandwidth_gbs"]) * 1e9
-    fl = float(target["compute_gflops"]) * 1e9
-    rates = Rates.of(target)
-    # A two-slot plan's reader takes a core from the kernels when they would use every core (as the executor
-    # then runs one thread fewer: engine.default_threads): its compute is `reader_slowdown` times slower.
-    threads, cores = int(target.get("threads") or 1), int(target.get("cores") or 0)
-    slow = float(target.get("reader_slowdown") or 1.0) if result.n_slots >= 2 and cores and threads >= cores else 1.0
-
-    def compute_s(g: PlannedGroup, rows: int) -> float:
-        if rates is not None:
-            hot = g.streamed and g.nbytes <= rates.cache_bytes
-            return slow * sum(rates.op_seconds(o, rows, prompt_tokens if rows == 1 else 0, hot) for o in g.ops)
-        touched = g.nbytes if g.streamed else 0
-        return max(touched / mem, g.flops * rows / fl)
-
-    if result.weights_mode == "resident" and rates is not None:
-        dec, pre = (sum(compute_s(g, n) for g in result.groups) for n in (1, prompt_tokens))
-        return Cost(dec * 1e3, pre * 1e3, prompt_tokens, 0, 0.0, dec * 1e3)
-    if result.weights_mode == "resident":
-        flops = sum(g.flops for g in result.groups)
-        dec = max(total_weight_bytes / mem, flops / fl)
-        pre = max(total_weight_bytes / mem, flops * prompt_tokens / fl)
-        return Cost(dec * 1e3, pre * 1e3, prompt_tokens, 0, 0.0, dec * 1e3)
-    # only streamed groups are read per token (partial residency keeps the others resident)
-    reads = [g.nbytes / rd if g.streamed else 0.0 for g in result.groups]
-    rbytes = sum(g.nbytes for g in result.groups if g.streamed)
-
-    def total(rows: int) -> tuple[float, float]:
-        comp = [compute_s(g, rows) for g in result.groups]
-        if result.n_slots >= 2:
-            # Steady state of the cyclic schedule: group g computes while group g+1 is read.
-            nxt = reads[1:] + reads[:1]
-            return sum(max(c, r) for c, r in zip(comp, nxt)), sum(comp)
-        return sum(reads) + sum(comp), sum(comp)
-
-    dec, comp = total(1)
-    pre, _ = total(prompt_tokens)
-    return Cost(dec * 1e3, pre * 1e3, prompt_tokens, rbytes, sum(reads) * 1e3, comp * 1e3)

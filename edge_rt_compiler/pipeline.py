@@ -17,6 +17,7 @@ from edge_rt_exec.errors import InternalError, UserError
 from edge_rt_exec.plan import Plan
 
 from . import passes
+from .cost import predict
 from .emit import (
     SHA_PLACEHOLDER,
     check_folder,
@@ -35,7 +36,7 @@ from .emit import (
 )
 from .frontends import ModelRequest, ModelSource, folder_name, load_source
 from .memory_layout import RUNTIME_RESERVE, lay_out, persistent_bytes, plan_activations, tensor_requests
-from .partition import Context, minimum_slot, partition, predict, sched_ops
+from .partition import Context, minimum_slot, partition, sched_ops
 from .passes.act_quant import act_quant, check_act_quant, plan_suffix
 from .passes.quantize import check_settings
 from .validate import validate

@@ -37,6 +37,23 @@ NUMPY_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "int64": "I64", "int
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+PAGE = mmap.PAGESIZE
+
+
+def page_aligned_empty(nbytes: int, phase: int = 0) -> np.ndarray:
+    """`nbytes` of uninitialized memory whose first byte sits `phase` bytes past a page boundary.
+
+    A buffer that file reads land in is placed like this, not where the allocator puts it (numpy's large
+    arrays start 16 bytes past a page): the kernel's copy from the page cache slows down several times on some
+    x86-64 CPUs (seen on AMD EPYC: 2.7 against 11 GB/s) when the destination sits at certain small offsets from
+    the source page's alignment, 16 bytes among them. A page-aligned slot, or a destination in the same phase as
+    its file offset, reads at full speed (benchmarks/bench_calibration.py; edge-rt-exec calibrate measures
+    the same way)."""
+    raw = np.empty(nbytes + 2 * PAGE, np.uint8)
+    start = (-raw.ctypes.data) % PAGE + phase % PAGE
+    return raw[start:start + nbytes]
+
+
 def _prod(dims: list[int]) -> int:
     """Product in Python ints: file-supplied dims must never wrap."""
     n = 1

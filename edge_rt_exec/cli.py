@@ -181,8 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         s.close()  # joins the reader thread: the trace's lists are complete
         if tracer is not None and trace_path is not None and finished:
             n = tracer.write(trace_path)
-            print(f"[trace: {n} events in {trace_path}; open it in https://ui.perfetto.dev or chrome://tracing]",
-                  file=sys.stderr)
+            print(f"[trace: {n} events in {trace_path}; open it in https://ui.perfetto.dev or Chrome DevTools' "
+                  "Performance panel]", file=sys.stderr)
     return 0
 
 
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "largest difference (slow)")
     r.add_argument("--profile", action="store_true", help="time every op and print the time per op type")
     r.add_argument("--trace", default=None, metavar="FILE",
-                   help="write a Chrome trace (Trace Event Format JSON, for ui.perfetto.dev or chrome://tracing): "
+                   help="write a Chrome trace (Trace Event Format JSON, for ui.perfetto.dev or Chrome DevTools' "
+                   "Performance panel): "
                    "compute per group (and per op with --profile), the reader's group reads, prefill and tokens")
     r.set_defaults(fn=cmd_run)
 

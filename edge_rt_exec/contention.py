@@ -20,12 +20,21 @@ costs ~10 1-thread ones, so a probe up must not last a whole window). A probe th
 before the next probe from that count in that direction (up to `max_every`), and the level just measured
 becomes that count's reference (a longer context or a load that n still handles best does not probe again at
 once). Probes alternate up and down between 1 and `max_threads`, so threads come back when the other process goes away.
+
+Timing alone pays for what it learns: a probe up beside a busy core costs ~10 tokens' time, and so does the
+first token of a run that starts at every core beside one. So the adapter also reads, between windows, how
+many of its cores other processes used (`CpuLoad`: /proc/stat's busy time of the cores this process may run on,
+less this process's own CPU time): a probe up is put off while the cores it needs are taken, a window at more
+threads than the free cores probes down at once, and a generation that starts while the cores are taken (the
+load measured since the last look, over the model's load or the last request) starts at the free count, before
+its prefill. Where /proc/stat is missing, timing alone decides.
 The kernels' results do not depend on the thread count (a row's result never depends on which thread
 computes it), so switching changes speed only, never tokens (tests/test_contention.py).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +54,68 @@ SLOWER = 1.5
 GAIN = 0.9
 #: Switches kept in the report (the count of all of them is kept too).
 EVENTS_KEPT = 32
+#: The shortest span a load reading covers (/proc/stat counts in 10 ms ticks: 0.1 s is 10 per core).
+LOAD_SPAN_S = 0.1
+#: Before a generation's prefill, a reading may be this short (the model's load, from the session's start):
+#: 5 ticks of a busy core, enough to tell a held core from a free one.
+FIRST_SPAN_S = 0.05
+#: Cores taken by other processes round to whole cores at this fraction (0.6 of a core taken: one core less).
+LOAD_ROUND = 0.5
+
+
+class CpuLoad:
+    """Cores that other processes kept busy, among those this process may run on, since the last reading.
+
+    From /proc/stat's per-core busy time (user, nice, system, irq, softirq and steal: everything but idle and
+    iowait) less this process's CPU time (all its threads, spinning numba workers included) over the same wall
+    time. A reading covers at least `span_s`; a call before that returns the last one."""
+
+    def __init__(self, stat_path: str = "/proc/stat", span_s: float = LOAD_SPAN_S,
+                 clock: Callable[[], float] = time.perf_counter, own: Callable[[], float] = time.process_time) -> None:
+        self.path = stat_path
+        self.span_s = span_s
+        self.clock, self.own = clock, own
+        try:
+            self.cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        except (AttributeError, OSError):
+            self.cpus = {f"cpu{c}" for c in range(os.cpu_count() or 1)}
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._ref = self._sample()
+        self.others: float | None = None  #: the last reading (cores), None before the first
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(wall s, busy s of our cores, our CPU s), or None when /proc/stat cannot be read."""
+        try:
+            with open(self.path, encoding="ascii") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        busy = 0
+        for ln in lines:
+            parts = ln.split()
+            if parts and parts[0] in self.cpus and len(parts) >= 5:
+                v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                busy += sum(v) - v[3] - (v[4] if len(v) > 4 else 0)
+        return self.clock(), busy / self.hz, self.own()
+
+    def read(self, span_s: float | None = None) -> float | None:
+        """Cores used by other processes over the last span of at least `span_s` (default: the load's own;
+        None: unknown)."""
+        if self._ref is None:
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        wall = now[0] - self._ref[0]
+        if wall >= (self.span_s if span_s is None else span_s):
+            self.others = max(0.0, ((now[1] - self._ref[1]) - (now[2] - self._ref[2])) / wall)
+            self._ref = now
+        return self.others
+
+    def free_cores(self, span_s: float | None = None) -> float | None:
+        """Cores left to this process, by the last reading."""
+        others = self.read(span_s)
+        return None if others is None else len(self.cpus) - others
 
 
 @dataclass
@@ -64,7 +135,8 @@ class ThreadAdapter:
     _best: dict[int, float] = field(default_factory=dict)
     _age: int = 0  #: tokens timed at this count since the adapter came to it
     _due: dict[tuple[int, int], int] = field(default_factory=dict)  #: (from, to) -> the age its next probe is due
-    _probe: tuple[int, float] | None = None  #: while probing: (the count to go back to, its window's median)
+    #: while probing: (the count to go back to, its window's median, the key of its back-off)
+    _probe: tuple[int, float, tuple] | None = None
     #: (from, to) -> tokens between its probes (doubles on a miss)
     _every: dict[tuple[int, int], int] = field(default_factory=dict)
     _measured: bool = False  #: a first window was taken (the first is one token: decide early)
@@ -72,6 +144,8 @@ class ThreadAdapter:
     _last: float | None = None
     _skip: int = 0
     _t0: float = field(default_factory=time.perf_counter)
+    #: the other processes' load on our cores (`CpuLoad`); None: timing alone
+    load: Any = field(default_factory=lambda: CpuLoad())
 
     def __post_init__(self) -> None:
         self.max_threads = max(1, self.max_threads)
@@ -80,6 +154,16 @@ class ThreadAdapter:
             self._due[(self.threads, self.threads - 1)] = 0
 
     # ---- the decode loop's calls ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Call before a generation's prefill: start at the free cores' count when other processes hold some."""
+        fit = self._fit(FIRST_SPAN_S)
+        if fit is not None and fit < self.threads:
+            self._probe = None
+            self._arrive()
+            self._switch(fit, "busy cores")
+        elif fit is not None and not self._measured:  # the cores are free: no early probe down is needed
+            self._due.pop((self.threads, self.threads - 1), None)
+
     def start(self) -> None:
         """Call before the decode loop. Prefill is not a token, and the first decode step (which binds the decode
         program) is not timed: the first `tick` only starts the clock, the second restarts it."""
@@ -129,32 +213,46 @@ class ThreadAdapter:
             return
         best = self._best[n] = min(self._best.get(n, m), m)
         self._age += self.window
+        fit = self._fit()
+        if n > 1 and fit is not None and fit < n and self._age >= self._due.get((n, fit, "load"), 0):
+            self._try(fit, m, "busy cores")  # a probe: kept only if faster (and backed off like one if not)
+            return
         if n > 1 and m > self.slower * best:
             self._try(n - 1, m, "slower")
             return
         due = [to for to in (n - 1, n + 1) if 1 <= to <= self.max_threads
                and self._age >= self._due.get((n, to), self.probe_every)]
+        if fit is not None and n + 1 in due and fit < n + 1:
+            due.remove(n + 1)  # the core it needs is taken: look again in `probe_every` tokens, at no cost
+            self._due[(n, n + 1)] = self._age + self.probe_every
         if due:
             to = due[0] if len(due) == 1 else (n - 1 if self._down else n + 1)
             self._down = to > n  # the other way next time both are due
             self._try(to, m, "probe")
 
+    def _fit(self, span_s: float | None = None) -> int | None:
+        """Threads that fit the cores other processes leave free (None: unknown)."""
+        free = self.load.free_cores(span_s) if self.load is not None else None
+        if free is None:
+            return None
+        return max(1, min(self.max_threads, int(free + LOAD_ROUND)))
+
     def _end_probe(self, m: float) -> None:
         assert self._probe is not None
-        back, ref = self._probe
+        back, ref, key = self._probe
         n = self.threads
         self._probe = None
         self._times.clear()
         if m < ref * self.gain:
             self._best[n] = m
-            self._every.pop((back, n), None)
+            self._every.pop(key, None)
             self._every.pop((n, back), None)
             self._arrive()
             self.events.append(self._event(back, n, m, ref, "kept"))
         else:
             self._best[back] = ref  # the level just measured is the norm at `back`
-            every = self._every[(back, n)] = min(2 * self._every.get((back, n), self.probe_every), self.max_every)
-            self._due[(back, n)] = self._age + every
+            every = self._every[key] = min(2 * self._every.get(key, self.probe_every), self.max_every)
+            self._due[key] = self._age + every
             self._switch(back, "reverted", m, ref)
 
     def _arrive(self) -> None:
@@ -163,7 +261,8 @@ class ThreadAdapter:
         self._due = dict(self._every)
 
     def _try(self, to: int, ref: float, why: str) -> None:
-        self._probe = (self.threads, ref)
+        # a probe on the load's word backs off apart from the timing's probes: each is checked by its own misses
+        self._probe = (self.threads, ref, (self.threads, to) + (("load",) if why == "busy cores" else ()))
         self._switch(to, why, None, ref)
 
     def _switch(self, to: int, why: str, m: float | None = None, ref: float | None = None) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import formats as F
 from . import ops
+from .binfile import page_aligned_empty
 from .checksum import fletcher
 from .errors import InternalError, UserError
 from .ops.registry import PAR_MIN, OpDef, ShapeError, Site, WarmSpec, numel, with_defaults
@@ -167,7 +168,7 @@ class Engine:
         self.ops = [self._resolve(op) for op in p.schedule]
         check_fits_memory(p, self.where)
         self.st = open_weights(p)
-        self.arena = np.empty(p.arena["size"], dtype=np.uint8)
+        self.arena = page_aligned_empty(p.arena["size"])  # slots: weight reads land here
         self.flat: dict[str, np.ndarray] = {}
         for b in p.buffers.values():
             raw = self.arena[b.offset:b.offset + b.nbytes]
@@ -258,7 +259,7 @@ class Engine:
         """A resident group of a streamed plan (partial residency): its bytes read once, here, into memory of its
         own, never re-read. Not mapped: a fault on a mapping brings whole page-cache folios (up to 2 MB on Linux
         6.x) around each group's edges into the process, past what the plan counts."""
-        buf = np.empty(g.byte_end - g.byte_start, np.uint8)
+        buf = page_aligned_empty(g.byte_end - g.byte_start, phase=g.byte_start)
         self.st.file.read_into(g.byte_start, buf, f"group {g.index}")
         return buf
 

@@ -106,8 +106,10 @@ class Session:
 
     def __init__(self, plan: Plan | str, threads: int | None = None, validate: bool = False,
                  tokenizer: Any = None, profile: bool = False, adapt_threads: bool = True) -> None:
+        from .contention import CpuLoad
         from .plan import load_plan
 
+        self._load = CpuLoad()  # other processes' load from now on: the first generation starts at what is free
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if tokenizer is None and "tokenizer" in self.plan.files:
             tokenizer = load_tokenizer(self.plan)
@@ -128,6 +130,7 @@ class Session:
         overrides the adapter's settings (window, probe_every, slower, gain)."""
         from .contention import ThreadAdapter
 
+        config.setdefault("load", self._load)
         self.adapter = ThreadAdapter(self.engine.threads, self.engine.use_threads, **config)
 
     def hold_temperature(self, max_temp_c: float, notify: Callable[[str], None] | None = None) -> None:
@@ -196,6 +199,8 @@ class Session:
         rng = np.random.default_rng(params.seed)
         eos = set() if ignore_eos else set(self.gen.get("eos_token_ids") or [])
         stream = TextStream(self._tokenizer(), stop or []) if self.tokenizer is not None else None
+        if self.adapter is not None:
+            self.adapter.prepare()  # fewer threads from the start when other processes hold cores
         t0 = time.perf_counter()
         if reuse_cache:
             logits, cached = dec.feed(prompt_ids)

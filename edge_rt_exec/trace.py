@@ -5,9 +5,9 @@ group per forward pass, one per op when `--profile` also times them) and the wei
 spans (`weights.StreamStats.read_spans`, made unbounded here); `generate` adds the prefill and one span per
 decoded token. Nothing is formatted until the end, when `write` turns them into the Trace Event Format
 (the JSON object form: complete events `ph: "X"` with `ts`/`dur` in microseconds, thread names as metadata
-events `ph: "M"`) that Perfetto (ui.perfetto.dev) and chrome://tracing open. A run without `--trace` has no
-tracer: the engine tests a local for None twice per group, and not at all per op (the per-op timer is chosen
-when an op is bound).
+events `ph: "M"`) that Perfetto (ui.perfetto.dev) and Chrome DevTools' Performance panel open. A run without
+`--trace` has no tracer: the engine tests a local for None twice per group, and not at all per op (the per-op
+timer is chosen when an op is bound).
 
 Tracks (threads of one process): `tokens` (prefill, decode token n), `compute` (the engine's group loop: group
 g per pass, with the op events nested in it under `--profile`, and `wait g` where it waited for the reader to
@@ -26,6 +26,11 @@ from typing import Any
 
 #: thread ids of the tracks (synthetic: stable across runs, ordered as shown)
 TOKENS, COMPUTE, READER = 1, 2, 3
+#: times are whole 1/1024 µs: viewers compare `ts + dur` in floating point, exact for binary fractions (with
+#: decimal nanoseconds a span ending where the next one starts can end 1e-12 µs after it, and Chrome DevTools
+#: drops the later span as not nested); the first event is at 1 µs, since DevTools keeps `ts` 0 out of a trace's
+#: bounds (metadata events have it)
+TICKS_PER_US = 1024
 
 
 class Tracer:
@@ -64,8 +69,8 @@ class Tracer:
     # ---- the file --------------------------------------------------------------------------------------------
     def events(self) -> list[dict[str, Any]]:
         """The trace's events: metadata first, then each track's spans in time order (a parent before the spans
-        it contains). Times are whole nanoseconds from the earliest event (the reader starts with the engine,
-        before the tracer), so rounding keeps nested spans nested."""
+        it contains). Times are whole ticks (`TICKS_PER_US`) from 1 µs before the earliest event (the reader
+        starts with the engine, before the tracer), so rounding keeps nested spans nested."""
         p = self.engine.plan if self.engine is not None else None
         groups = {g.index: g for g in p.groups} if p is not None else {}
         # each read is in one of the two deques (see `attach`); read numbers order them
@@ -74,9 +79,9 @@ class Tracer:
         pid = self.pid
 
         def complete(tid: int, name: str, t0: float, t1: float, cat: str, args: dict[str, Any]) -> dict[str, Any]:
-            a, b = round((t0 - origin) * 1e9), round((t1 - origin) * 1e9)
-            return {"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid, "ts": a / 1e3,
-                    "dur": max(0, b - a) / 1e3, "args": args}
+            a, b = (TICKS_PER_US + round((t - origin) * 1e6 * TICKS_PER_US) for t in (t0, t1))
+            return {"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid, "ts": a / TICKS_PER_US,
+                    "dur": max(0, b - a) / TICKS_PER_US, "args": args}
 
         out = [complete(TOKENS, name, t0, t1, "generate", args) for name, t0, t1, args in self.spans]
         first = p.groups[0].index if p is not None and p.groups else 0

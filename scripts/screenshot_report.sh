@@ -29,8 +29,13 @@ else
 fi
 [ -f "$page" ] || die "$page: no such page; write one with edge-rt-report PLAN or edge-rt-compile ... report=true"
 out="$(realpath -m "$out")"
-"$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size="$size" \
-  --screenshot="$out" "file://$(realpath "$page")" >/dev/null 2>&1 || die "chromium failed on $page"
+profile="$(mktemp -d)"  # a new empty profile: nothing from an earlier run, no first-run or sync work
+# no GPU, no sandbox (root in CI), and no network at all: the page needs none, and on a closed network Chromium's
+# background fetches (QUIC, component updates, sync) would only wait
+"$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+  --disable-component-update --disable-sync --user-data-dir="$profile" --hide-scrollbars --window-size="$size" \
+  --screenshot="$out" "file://$(realpath "$page")" >/dev/null 2>&1 || { rm -rf "$profile"; die "chromium failed on $page"; }
+rm -rf "$profile"
 bytes="$(stat -c %s "$out" 2>/dev/null || echo 0)"
 [ "$bytes" -gt 20000 ] || die "$out has only $bytes bytes: the page rendered (nearly) blank"
 echo "screenshot: $out ($bytes bytes, $size)"

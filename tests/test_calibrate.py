@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from edge_rt_compiler.config import load_profile
-from edge_rt_compiler.partition import PartitionResult, PlannedGroup, SchedOp, predict
+from edge_rt_compiler.cost import predict
+from edge_rt_compiler.partition import PartitionResult, PlannedGroup, SchedOp
 from edge_rt_exec import cli
 from edge_rt_exec.calibrate import to_yaml
 
@@ -64,11 +65,12 @@ def test_quick_profile_is_valid(quick_profile: Path) -> None:
     p = load_profile(str(quick_profile))
     assert p["threads"] == 1 and p["profile_version"] == 1
     for key in ("read_cold_gbs", "read_cached_gbs", "read_cached_large_gbs", "read_overlapped_gbs", "checksum_gbs",
-                "mem_bandwidth_gbs", "compute_gflops", "read_bandwidth_gbs"):
+                "mem_bandwidth_gbs", "compute_gflops", "read_bandwidth_gbs", "stream_read_gbs",
+                "stream_read_swept_gbs"):
         assert p[key] > 0, key
-    assert set(p["decode_gbs"]) == set(p["decode_cached_gbs"]) == set(p["prefill_gflops"]) == \
-        {"f32", "f16", "q8_0", "q4_0", "q4_1"}
-    assert all(v > 0 for m in ("decode_gbs", "decode_cached_gbs", "prefill_gflops") for v in p[m].values())
+    maps = ("decode_gbs", "decode_cached_gbs", "decode_streamed_gbs", "prefill_gflops")
+    assert all(set(p[m]) == {"f32", "f16", "q8_0", "q4_0", "q4_1"} for m in maps)
+    assert all(v > 0 for m in maps for v in p[m].values())
     assert p["cache_bytes"] > 0 and p["cores"] >= 1 and p["reader_slowdown"] == 1.0  # 1 thread: no core to give
     assert p["attention_ns"] >= 0 and p["op_overhead_us"] > 0 and p["page_cache_bytes"] > 0
 
@@ -98,12 +100,14 @@ def test_executor_side_imports_no_compiler() -> None:
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
     p = {**{k: v for k, v in CALIBRATED.items() if k not in ("name", "prefetch_headroom")}, "profile_version": 1,
-         "cores": 2, "reader_slowdown": 1.5, "_cold_dropped": False, "_shapes": [(8, 32)], "_chunk_mb": 16}
+         "cores": 2, "reader_slowdown": 1.5, "_cold_dropped": False, "_shapes": [(8, 32)], "_chunk_mb": 16,
+         "decode_streamed_gbs": {"f32": 12.0}, "stream_read_gbs": 1.8, "stream_read_swept_gbs": 1.2}
     f = tmp_path / "p.yaml"
     f.write_text(to_yaml(p, tmp_path))
     back = load_profile(str(f))
     assert back["decode_gbs"] == CALIBRATED["decode_gbs"] and back["attention_ns"] == 2.0
     assert back["cores"] == 2 and back["reader_slowdown"] == 1.5 and back["cache_bytes"] == 4 << 20
+    assert back["decode_streamed_gbs"] == {"f32": 12.0} and back["stream_read_swept_gbs"] == 1.2
     assert "not a cold read" in f.read_text()  # said when the page cache could not be dropped
 
 
@@ -208,6 +212,20 @@ def test_a_streamed_group_that_fits_the_cache_computes_from_it() -> None:
         (read + 10e-6 + 2 * MB / 16e9) * 1e3)
     resident = plan_of([[linear("a", 0, 2 * MB)]], streamed=False)  # mapped: from DRAM
     assert predict(resident, CALIBRATED, 2 * MB).decode_ms_per_token == pytest.approx((10e-6 + 2 * MB / 4e9) * 1e3)
+
+
+def test_decode_loop_rates_read_after_resident_compute_slower() -> None:
+    """With the decode loop's rates (`measure_groups`), a one-slot group read right after a resident group's
+    compute pays `stream_read_swept_gbs`, one after a streamed group `stream_read_gbs` (checksum included), and
+    a just-read group computes at `decode_streamed_gbs`."""
+    tgt = {**CALIBRATED, "stream_read_gbs": 2.0, "stream_read_swept_gbs": 1.0, "decode_streamed_gbs": {"f32": 8.0}}
+    a, b, c = (linear(n, i * 2 * MB, 2 * MB) for i, n in enumerate("abc"))
+    groups = [PlannedGroup([a], ["u"], 0, 2 * MB, False), PlannedGroup([b], ["u"], 2 * MB, 4 * MB, True),
+              PlannedGroup([c], ["u"], 4 * MB, 6 * MB, True)]
+    r = PartitionResult("partial_residency", "streamed", 1, 2 * MB, groups)
+    want = (10e-6 + 2 * MB / 4e9) + 2 * MB / 1e9 + 2 * MB / 2e9 + 2 * (10e-6 + 2 * MB / 8e9)
+    assert predict(r, tgt, 6 * MB).decode_ms_per_token == pytest.approx(want * 1e3)
+    assert predict(r, tgt, 6 * MB).read_bytes_per_token == 4 * MB
 
 
 def test_two_slots_overlap_reads_and_compute() -> None:

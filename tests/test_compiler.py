@@ -255,7 +255,7 @@ def test_auto_picks_the_lowest_predicted_latency(synth_dir, target):
 
 def test_auto_is_a_registered_strategy_weighing_the_others(synth_dir, target):
     """auto runs every other registered strategy through the cost model and keeps the fastest prediction."""
-    from edge_rt_compiler.partition import predict
+    from edge_rt_compiler.cost import predict
 
     assert callable(STRATEGIES["auto"])
     budget = 12 * MiB  # streamed for every strategy

@@ -20,9 +20,20 @@ def feed(a: ThreadAdapter, times: dict[int, float], tokens: int) -> None:
         a.observe(times[a.threads])
 
 
-def adapter(max_threads: int = 2) -> tuple[ThreadAdapter, list[int]]:
+def adapter(max_threads: int = 2, load: object = None) -> tuple[ThreadAdapter, list[int]]:
+    """An adapter on synthetic token times; `load`: a fake `CpuLoad` (None: timing alone, as without /proc/stat)."""
     calls: list[int] = []
-    return ThreadAdapter(max_threads, calls.append), calls
+    return ThreadAdapter(max_threads, calls.append, load=load), calls
+
+
+class FakeLoad:
+    """A `CpuLoad` whose readings the test sets: `free` cores of `cpus`."""
+
+    def __init__(self, free: float) -> None:
+        self.free = free
+
+    def free_cores(self, span_s: float | None = None) -> float:
+        return self.free
 
 
 def test_quiet_stays_at_max_after_one_early_probe() -> None:
@@ -87,6 +98,82 @@ def test_noise_spikes_do_not_switch() -> None:
     assert len(calls) == n and a.threads == 2
 
 
+def test_busy_cores_seen_before_the_prefill_start_at_one_thread_and_never_probe_up() -> None:
+    load = FakeLoad(1.0)  # a busy loop holds one of two cores
+    a, calls = adapter(load=load)
+    a.prepare()
+    assert calls == [1] and a.events[-1]["why"] == "busy cores"
+    feed(a, BUSY, 400)
+    assert a.threads == 1 and a.tokens_at.get(2, 0) == 0  # no ~10x probe token while the core is taken
+    load.free = 2.0  # it went away: the next due probe up goes ahead and is kept
+    feed(a, QUIET, 300)
+    assert a.threads == 2
+
+
+def test_busy_cores_mid_run_probe_down_without_waiting_for_slow_windows() -> None:
+    load = FakeLoad(2.0)
+    a, calls = adapter(load=load)
+    a.prepare()
+    feed(a, QUIET, 40)
+    assert calls == [] and a.threads == 2  # the cores are free: no early probe down
+    feed(a, QUIET, 20)
+    assert a.threads == 2
+    load.free = 0.9
+    feed(a, BUSY, 3)  # one window: the load alone sends it down (a probe, kept when faster)
+    assert a.threads == 1 and a.events[-1]["why"] == "busy cores"
+    feed(a, BUSY, 3)
+    assert a.events[-1]["why"] == "kept"
+
+
+def test_a_misread_load_is_checked_by_timing_and_backs_off() -> None:
+    a, calls = adapter(load=FakeLoad(1.2))  # another process uses most of a core, yet 2 threads stay faster
+    feed(a, QUIET, 400)
+    down = [e for e in a.events if e["why"] == "busy cores"]
+    assert down and all(e["from"] == 2 for e in down)
+    assert a.tokens_at.get(1, 0) <= 24  # each probe down reverts after a window, backing off 48, 96, 192 ...
+    assert a.threads == 2
+
+
+def test_cpu_load_reads_other_processes_busy_time(tmp_path) -> None:
+    import os
+
+    from edge_rt_exec.contention import CpuLoad
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    stat = tmp_path / "stat"
+    clock, own = [0.0], [0.0]
+
+    def write(busy: list[int], idle: list[int]) -> None:
+        lines = [f"cpu {sum(busy)} 0 0 {sum(idle)} 0 0 0 0 0 0"]
+        lines += [f"cpu{c} {b} 0 0 {i} 0 0 0 0 0 0" for c, b, i in zip(cpus, busy, idle)]
+        stat.write_text("\n".join(lines + ["intr 1 2 3", "ctxt 5"]) + "\n")
+
+    write([0] * len(cpus), [0] * len(cpus))
+    load = CpuLoad(str(stat), span_s=0.1, clock=lambda: clock[0], own=lambda: own[0])
+    load.cpus = {f"cpu{c}" for c in cpus}
+    hz = load.hz
+    clock[0] = 1.0  # one second: every core busy, half of one core of it ours
+    own[0] = 0.5
+    write([hz] * len(cpus), [0] * len(cpus))
+    assert load.read() == pytest.approx(len(cpus) - 0.5)
+    assert load.free_cores() == pytest.approx(0.5)  # a reading shorter than the span keeps the last one
+    clock[0] = 2.0  # the next second: all idle
+    write([hz] * len(cpus), [hz] * len(cpus))
+    assert load.read() == pytest.approx(0.0)
+    assert CpuLoad(str(tmp_path / "missing")).read() is None  # no /proc/stat: timing alone
+
+
+def test_adapter_reads_real_proc_stat() -> None:
+    from edge_rt_exec.contention import CpuLoad
+
+    load = CpuLoad(span_s=0.0)
+    x = 0
+    for i in range(2_000_000):  # some CPU time of our own: not counted as others'
+        x += i
+    others = load.read()
+    assert others is not None and 0.0 <= others <= len(load.cpus)
+
+
 @pytest.fixture(scope="module")
 def synth_plan(tmp_path_factory: pytest.TempPathFactory):
     tgt = {"name": "performance", "threads": 2, "read_bandwidth_gbs": 8.0, "mem_bandwidth_gbs": 25.0,
@@ -100,7 +187,7 @@ def _tokens(plan, threads: int, adapt: dict | None) -> tuple[list[int], dict | N
     s = Session(plan, threads=threads, adapt_threads=False)
     try:
         if adapt is not None:
-            s.adapt_threads(**adapt)
+            s.adapt_threads(load=None, **adapt)
         ids = s.encode_prompt("Once upon a time there was")
         r = s.generate(ids, max_tokens=24, ignore_eos=True)
         return r.tokens, s.adapter.report() if s.adapter is not None else None

@@ -259,3 +259,68 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, case, needle):
     assert needle in lines[0] and "Traceback" not in r.stderr and not r.stdout
     out = tmp_path / "out"
     assert not out.is_dir() or not any(out.rglob("*.html"))
+
+
+# ---- the page as a browser draws it --------------------------------------------------------------------------
+
+#: where the arena picture and each of its buffers are on the rendered page, in CSS pixels
+ARENA_BOXES_JS = """(() => {
+  const svg = document.querySelector('svg.arena'), box = svg.getBoundingClientRect();
+  return {svg: [box.x, box.y, box.width, box.height], page: [document.documentElement.scrollWidth,
+          document.documentElement.scrollHeight],
+          bufs: [...svg.querySelectorAll('rect.buf')].map(r => {
+            const b = r.getBoundingClientRect();
+            return {name: r.dataset.name, fill: r.getAttribute('fill'), box: [b.x, b.y, b.width, b.height]}; })};
+})()"""
+
+
+def _drawn(fill: str) -> tuple[int, int, int]:
+    """A buffer's fill as it lands on screen: 0.9 opaque (the template's fill-opacity) over the plot's #fafafa."""
+    return tuple(round(0.9 * int(fill[i:i + 2], 16) + 0.1 * 0xfa) for i in (1, 3, 5))
+
+
+def _near(colours: set[tuple[int, int, int]], tol: int = 3) -> set[bytes]:
+    """Every RGB value within `tol` per channel of one of `colours` (anti-aliasing and blending round)."""
+    steps = range(-tol, tol + 1)
+    return {bytes(min(max(v, 0), 255) for v in (r + a, g + b, c + d))
+            for r, g, c in colours for a in steps for b in steps for d in steps}
+
+
+def test_chromium_draws_the_arena_picture(tmp_path, target):
+    """Headless Chromium renders a streamed plan's page: most of the first arena picture is in the buffer colours
+    (as blended on screen), and the pixel at the centre of each buffer big enough to hold one is that buffer's
+    colour, so the picture is drawn where the page's own markup lays it out; the page as a whole is not blank."""
+    from edge_rt_compiler.report import write_plan_page
+    from edge_rt_compiler.report_svg import KIND_COLORS
+
+    from .chromium import Chromium, decode_png
+    from .conftest import compile_synth
+
+    page = write_plan_page(compile_synth(tmp_path, "speculative_prefetch", 16 * MiB, target).plan_path)
+    browser = Chromium()
+    try:
+        tab = browser.open(page.resolve().as_uri())
+        width, height = browser.evaluate(tab, ARENA_BOXES_JS)["page"]
+        browser.resize(tab, width, height)  # the whole page in the viewport: page and screen coordinates agree
+        geo = browser.evaluate(tab, ARENA_BOXES_JS)
+        x0, y0, w, h = (round(v) for v in geo["svg"])
+        arena = decode_png(browser.screenshot(tab, x0, y0, w, h))
+        whole = decode_png(browser.screenshot(tab, 0, 0, width, height, scale=0.25))
+    finally:
+        browser.close()
+    pw, ph, rows = arena
+    assert (pw, ph) == (w, h)
+    palette = _near({_drawn(c) for f in KIND_COLORS.values() for c in ((f,) if isinstance(f, str) else f)})
+    coloured = sum(row[i:i + 3] in palette for row in rows for i in range(0, 3 * pw, 3))
+    assert coloured > 0.3 * pw * ph, f"only {coloured} of {pw * ph} arena pixels have a buffer colour"
+    checked = 0
+    for b in geo["bufs"]:
+        bx, by, bw, bh = b["box"]
+        if bw >= 6 and bh >= 6:
+            x, y = int(bx + bw / 2) - x0, int(by + bh / 2) - y0
+            assert rows[y][3 * x:3 * x + 3] in _near({_drawn(b["fill"])}), (b["name"], x, y, b["fill"])
+            checked += 1
+    assert checked >= 10, geo["bufs"]
+    _, _, small = whole
+    ink = sum(min(r[i:i + 3]) < 200 for r in small for i in range(0, len(r), 3))
+    assert ink > 0.05 * sum(len(r) // 3 for r in small), "the page rendered (nearly) blank"

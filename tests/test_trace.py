@@ -78,17 +78,17 @@ def check_trace(path: Path) -> list[dict]:
     for e in complete:
         assert (e["pid"], e["tid"]) in thread_names, f"tid {e['tid']} has no thread_name"
         assert e["pid"] in process_names, f"pid {e['pid']} has no process_name"
-    # complete events on one thread nest or are disjoint (else viewers drop or misdraw them): in nanoseconds
-    by_tid: dict[int, list[tuple[int, int]]] = {}
+    # complete events on one thread nest or are disjoint (else viewers drop or misdraw them), in the viewers'
+    # own arithmetic: `ts + dur` in floating point, with no tolerance
+    by_tid: dict[int, list[tuple[float, float]]] = {}
     for e in complete:
-        a = round(e["ts"] * 1000)
-        by_tid.setdefault(e["tid"], []).append((a, a + round(e["dur"] * 1000)))
+        by_tid.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
     for tid, spans in by_tid.items():
-        stack: list[int] = []
+        stack: list[float] = []
         for a, b in sorted(spans, key=lambda s: (s[0], -s[1])):
             while stack and stack[-1] <= a:
                 stack.pop()
-            assert not stack or b <= stack[-1], f"tid {tid}: [{a}, {b}] ns overlaps its parent ending at {stack[-1]}"
+            assert not stack or b <= stack[-1], f"tid {tid}: [{a}, {b}] µs overlaps its parent ending at {stack[-1]}"
             stack.append(b)
     return complete
 
@@ -154,6 +154,63 @@ def test_trace_of_a_streamed_prefetch_run(plans, tmp_path):
     names = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert names == {"tokens", "compute", "weights reader (prefetch thread)"}
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+
+
+#: Chrome DevTools' trace engine (the Performance panel's importer, which took over from chrome://tracing, gone
+#: from Chromium) on the trace text: its warnings, its bounds, and per thread the entries it kept and how many of
+#: them it placed in the thread's call tree (an entry that is not properly nested is left out of it)
+DEVTOOLS_IMPORT_JS = """(async () => {
+  const T = await import('./models/trace/trace.js');
+  const model = T.TraceModel.Model.createWithAllHandlers();
+  await model.parse(JSON.parse(%s).traceEvents, {metadata: {}, isFreshRecording: false});
+  const d = model.parsedTrace(0).data, placed = d.Renderer.entryToNode;
+  return {warnings: [...d.Warnings.perWarning.keys()], bad_events: d.Warnings.perEvent.size,
+          bounds: [d.Meta.traceBounds.min, d.Meta.traceBounds.max],
+          threads: [...d.Renderer.processes.values()].flatMap(p => [...p.threads.values()].map(t => ({
+            name: t.name, placed: t.entries.filter(e => placed.has(e)).length,
+            entries: t.entries.map(e => [e.cat, e.ts, e.dur, e.args.group ?? null])})))};
+})()"""
+
+
+def devtools_import(path: Path) -> dict:
+    """What Chrome DevTools' Performance panel makes of the trace file at `path`, run in headless Chromium."""
+    from .chromium import Chromium
+
+    browser = Chromium()
+    try:
+        tab = browser.open("devtools://devtools/bundled/devtools_app.html")
+        return browser.evaluate(tab, DEVTOOLS_IMPORT_JS % json.dumps(path.read_text(encoding="utf-8")))
+    finally:
+        browser.close()
+
+
+def test_chrome_devtools_imports_the_streamed_trace_with_reads_beside_compute(plans, tmp_path):
+    """The trace of a streamed speculative_prefetch run, read by a real viewer's importer rather than our own
+    checker: no warning, every event kept and placed on its thread's track within the trace's bounds, and in
+    the viewer's own model a read of group g+1 on the reader thread overlaps the compute of group g."""
+    out = tmp_path / "trace.json"
+    r = run_cli("run", str(plans["prefetch"]), "-p", "Once upon a time", "-n", "6", "--ignore-eos", "--json",
+                "--profile", "--trace", str(out))  # with the ops nested in their groups
+    assert r.returncode == 0, r.stderr
+    mine = check_trace(out)
+    seen = devtools_import(out)
+    assert seen["warnings"] == [] and seen["bad_events"] == 0, seen["warnings"]
+    threads = {t["name"]: t for t in seen["threads"]}
+    assert set(threads) == {"tokens", "compute", "weights reader (prefetch thread)"}
+    assert sum(len(t["entries"]) for t in threads.values()) == len(mine)
+    for t in threads.values():
+        assert t["placed"] == len(t["entries"]), f"{t['name']}: the viewer left {len(t['entries']) - t['placed']} " \
+            "events out of its track (not properly nested there)"
+        lo, hi = seen["bounds"]
+        assert all(lo <= ts and ts + dur <= hi for _, ts, dur, _ in t["entries"]), (t["name"], seen["bounds"])
+    seq = [g.index for g in load_plan(plans["prefetch"]).groups if g.slot is not None]
+    nxt = {g: seq[(i + 1) % len(seq)] for i, g in enumerate(seq)}
+    computes = [e for e in threads["compute"]["entries"] if e[0] == "group"]
+    reads = [e for e in threads["weights reader (prefetch thread)"]["entries"] if e[0] == "read"]
+    assert len(computes) >= 6 * len(seq) and len(reads) >= 6 * len(seq)
+    overlapped = [(c, x) for c in computes for x in reads if c[3] in nxt and x[3] == nxt[c[3]]
+                  and x[1] < c[1] + c[2] and c[1] < x[1] + x[2]]
+    assert overlapped, "in the viewer's model no read of group g+1 overlaps the compute of group g"
 
 
 def test_trace_of_a_resident_run_has_no_reads(plans, tmp_path):

@@ -305,36 +305,59 @@ def cast(x, out):
         out[i] = x[i]
 
 
+@kernel()
+def cast_to_int(x, out):
+    """Float -> integer: truncated toward zero to int64, then the low bits kept (two's complement), as numpy and
+    ONNX Runtime give on x86-64 without AVX-512. A direct conversion is undefined outside the target's range
+    and differs by CPU (AVX-512 and aarch64 give 0 or saturate a negative float cast to uint8)."""
+    if out.size != x.size:
+        raise ValueError("cast: x and out differ in size")
+    for i in range(x.size):
+        out[i] = np.int64(x[i])
+
+
+def _to_int(x: np.ndarray, out: np.dtype) -> bool:
+    return x.dtype.kind == "f" and out.kind in "iu"
+
+
 def _cast_bind(s: Site) -> Callable:
     x, out = s.ins[0], s.outs[0]
     if out.dtype == np.bool_:
         return bind_unary_code(x, out, U_CAST_BOOL)
-    fn, xf, of = cast.load(), flat(x), flat(out)
+    fn, xf, of = (cast_to_int if _to_int(x, out.dtype) else cast).load(), flat(x), flat(out)
     return lambda: fn(xf, of)
 
 
 def _cast_warm(spec: WarmSpec) -> None:
     if spec.out_dtypes[0] == "bool":
         _warm_unary(spec)
-    else:
-        cast.warm(arr(_kdt(spec.in_dtypes[0]), 1, ro=spec.readonly[0]), arr(_kdt(spec.out_dtypes[0]), 1))
+        return
+    src, dst = np.dtype(spec.in_dtypes[0]), np.dtype(spec.out_dtypes[0])
+    k = cast_to_int if src.kind == "f" and dst.kind in "iu" else cast
+    k.warm(arr(_kdt(spec.in_dtypes[0]), 1, ro=spec.readonly[0]), arr(_kdt(spec.out_dtypes[0]), 1))
+
+
+def _cast_twin(x: np.ndarray, to: np.dtype) -> np.ndarray:
+    """numpy's astype, but float -> integer through int64 (`cast_to_int`: the same bits on every CPU)."""
+    return x.astype(np.int64).astype(to) if _to_int(x, to) else x.astype(to)
 
 
 def _cast_sample(rng: np.random.Generator) -> list[Sample]:
-    x = (rng.standard_normal(11) * 10).astype(np.float32)
-    return [Sample([x], {"to": t}) for t in ("int64", "int32", "float64", "bool", "uint8")]
+    x = (rng.standard_normal(11) * 10).astype(np.float32)  # negative values cast to uint8 wrap (240 for -16)
+    return [Sample([x], {"to": t}) for t in ("int64", "int32", "float64", "bool", "uint8", "int8")]
 
 
 register(OpDef(
     name="Cast", shape=lambda s, d, v, a, n: [(tuple(s[0]), a["to"])],
-    twin=lambda ins, a, n: [ins[0].astype(np.dtype(a["to"]))], bind=_cast_bind, warm=_cast_warm,
-    kernels=(cast, unary, unary_par), sample=_cast_sample, attrs={"to": None}, required=("to",),
-    doc="ONNX Cast (`to` is a numpy dtype name; the compiler converts ONNX's element type)",
+    twin=lambda ins, a, n: [_cast_twin(ins[0], np.dtype(a["to"]))], bind=_cast_bind, warm=_cast_warm,
+    kernels=(cast, cast_to_int, unary, unary_par), sample=_cast_sample, attrs={"to": None}, required=("to",),
+    doc="ONNX Cast (`to` is a numpy dtype name; the compiler converts ONNX's element type; float -> integer "
+        "truncates toward zero and wraps to the target's width)",
 ))
 register(OpDef(
     name="CastLike", shape=lambda s, d, v, a, n: [(tuple(s[0]), d[1])],
-    twin=lambda ins, a, n: [ins[0].astype(ins[1].dtype)], bind=_cast_bind, warm=_cast_warm,
-    kernels=(cast, unary, unary_par),
+    twin=lambda ins, a, n: [_cast_twin(ins[0], ins[1].dtype)], bind=_cast_bind, warm=_cast_warm,
+    kernels=(cast, cast_to_int, unary, unary_par),
     sample=lambda rng: [Sample([rng.standard_normal(5).astype(np.float32), np.zeros(1, np.int64)], {})],
     doc="ONNX CastLike",
 ))
