@@ -53,7 +53,8 @@ class Chromium:
             self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w}', exe, *FLAGS,
                                           f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
                                           "about:blank"],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(cmd_r, out_w))
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(cmd_r, out_w),
+                                         env={**os.environ, "TMPDIR": str(self.profile)})  # its temp files too
         os.close(cmd_r)
         os.close(out_w)
         self._buf = b""
