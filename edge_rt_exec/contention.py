@@ -134,18 +134,19 @@ class ThreadAdapter:
     _times: list[float] = field(default_factory=list)
     _best: dict[int, float] = field(default_factory=dict)
     _age: int = 0  #: tokens timed at this count since the adapter came to it
-    _due: dict[tuple[int, int], int] = field(default_factory=dict)  #: (from, to) -> the age its next probe is due
+    #: (from, to), or (from, to, "load") for the load's probes -> the age its next probe is due
+    _due: dict[tuple, int] = field(default_factory=dict)
     #: while probing: (the count to go back to, its window's median, the key of its back-off)
     _probe: tuple[int, float, tuple] | None = None
-    #: (from, to) -> tokens between its probes (doubles on a miss)
-    _every: dict[tuple[int, int], int] = field(default_factory=dict)
+    #: the same keys -> tokens between its probes (doubles on a miss)
+    _every: dict[tuple, int] = field(default_factory=dict)
     _measured: bool = False  #: a first window was taken (the first is one token: decide early)
     _down: bool = True  #: the direction of the next probe from a count with two neighbours
     _last: float | None = None
     _skip: int = 0
     _t0: float = field(default_factory=time.perf_counter)
     #: the other processes' load on our cores (`CpuLoad`); None: timing alone
-    load: Any = field(default_factory=lambda: CpuLoad())
+    load: Any = field(default_factory=CpuLoad)
 
     def __post_init__(self) -> None:
         self.max_threads = max(1, self.max_threads)
